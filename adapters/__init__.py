@@ -1,0 +1,1 @@
+"""Approval channels and agent-framework adapters (installed as `sudo_queue.adapters`)."""

@@ -1,0 +1,170 @@
+"""One pub/sub connection per process, fanned out to any number of waiting coroutines.
+
+A waiter registers an asyncio.Event for a channel and gets it back once Redis has confirmed the
+subscription: only then may it read the record (DESIGN.md's subscribe-then-read order). Every
+message on the channel sets the events of its waiters. When the connection breaks, the reader
+opens a new one, subscribes every channel again, and sets every event on the confirmation, so
+waiters re-read the records they may have missed news of.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from contextlib import asynccontextmanager
+from typing import TYPE_CHECKING, Any
+
+import structlog
+from redis.exceptions import RedisError
+
+if TYPE_CHECKING:
+    from collections.abc import AsyncIterator
+
+    from redis.asyncio import Redis
+    from redis.asyncio.client import PubSub
+
+__all__ = ["Multiplexer"]
+
+log = structlog.get_logger(__name__)
+
+# Silence on the connection longer than this gets a PING; no answer at all within three times
+# it means a dead (half-open) connection. One command per interval per process, whatever the
+# number of waiters.
+PING_INTERVAL_S = 15.0
+
+
+class _Channel:
+    __slots__ = ("confirmed", "waiters")
+
+    def __init__(self) -> None:
+        self.waiters: set[asyncio.Event] = set()
+        self.confirmed = asyncio.Event()
+
+    def wake(self) -> None:
+        for event in self.waiters:
+            event.set()
+
+
+class Multiplexer:
+    """Shares one Redis pub/sub connection among many waiters."""
+
+    def __init__(self, redis: Redis) -> None:
+        self._redis = redis
+        self._channels: dict[str, _Channel] = {}
+        self._pubsub: PubSub | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._closed = False
+        self.reconnects = 0
+
+    @property
+    def channel_count(self) -> int:
+        return len(self._channels)
+
+    @asynccontextmanager
+    async def listen(self, channel: str) -> AsyncIterator[asyncio.Event]:
+        """Subscribe (sharing the connection) and yield an Event set on every wake-up."""
+        if self._closed:
+            raise RuntimeError("the multiplexer is closed")
+        event = asyncio.Event()
+        entry = self._channels.get(channel)
+        if entry is None:
+            entry = self._channels[channel] = _Channel()
+            entry.waiters.add(event)
+            self._start()
+            if self._pubsub is not None:
+                await self._send("subscribe", channel)
+        else:
+            entry.waiters.add(event)
+        try:
+            await entry.confirmed.wait()
+            yield event
+        finally:
+            entry.waiters.discard(event)
+            if not entry.waiters and entry.confirmed.is_set():
+                await self._drop(channel, entry)
+
+    async def _drop(self, channel: str, entry: _Channel) -> None:
+        if self._channels.get(channel) is entry:
+            del self._channels[channel]
+            if self._pubsub is not None:
+                await self._send("unsubscribe", channel)
+
+    async def _send(self, command: str, channel: str) -> None:
+        pubsub = self._pubsub
+        if pubsub is None:
+            return
+        try:
+            await getattr(pubsub, command)(channel)
+        except (RedisError, OSError) as exc:
+            # The reader sees the same broken connection, reconnects and resubscribes.
+            log.debug("pubsub_send_failed", command=command, error=str(exc))
+
+    def _start(self) -> None:
+        if self._task is None or self._task.done():
+            self._task = asyncio.get_running_loop().create_task(self._run(), name="sq-pubsub")
+
+    async def _run(self) -> None:
+        delay = 0.05
+        while not self._closed:
+            pubsub = self._redis.pubsub()
+            try:
+                self._pubsub = pubsub
+                for entry in self._channels.values():
+                    entry.confirmed.clear()
+                channels = list(self._channels)
+                if channels:
+                    await pubsub.subscribe(*channels)
+                else:
+                    await pubsub.ping()
+                await self._read(pubsub)
+            except (RedisError, OSError, TimeoutError) as exc:
+                self._pubsub = None
+                self.reconnects += 1
+                log.warning("pubsub_reconnecting", error=str(exc) or type(exc).__name__)
+            finally:
+                self._pubsub = None
+                with contextlib.suppress(Exception):
+                    await pubsub.aclose()  # type: ignore[no-untyped-call]  # redis-py leaves it untyped
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 2.0)
+
+    async def _read(self, pubsub: PubSub) -> None:
+        loop = asyncio.get_running_loop()
+        last_heard = loop.time()
+        while not self._closed:
+            message: dict[str, Any] | None = await pubsub.get_message(timeout=PING_INTERVAL_S)
+            now = loop.time()
+            if message is None:
+                if now - last_heard > 3 * PING_INTERVAL_S:
+                    raise TimeoutError("no answer on the pub/sub connection; reconnecting")
+                await pubsub.ping()
+                continue
+            last_heard = now
+            kind = message["type"]
+            channel = message.get("channel")
+            if isinstance(channel, bytes):
+                channel = channel.decode()
+            entry = self._channels.get(channel) if isinstance(channel, str) else None
+            if entry is None:
+                continue
+            if kind == "message":
+                entry.wake()
+            elif kind == "subscribe":
+                entry.confirmed.set()
+                # After a reconnect this is the moment news may have been missed: re-read.
+                entry.wake()
+                if not entry.waiters:
+                    await self._drop(channel, entry)  # type: ignore[arg-type]  # str checked above
+
+    async def aclose(self) -> None:
+        """Stop the reader and close the connection; safe to call twice."""
+        self._closed = True
+        task, self._task = self._task, None
+        # Python 3.11's wait_for can swallow a cancel that lands as its inner future completes;
+        # cancel again until the reader has really stopped.
+        while task is not None and not task.done():
+            task.cancel()
+            await asyncio.wait({task}, timeout=0.5)
+        if task is not None and not task.cancelled():
+            with contextlib.suppress(Exception):
+                task.result()

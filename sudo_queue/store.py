@@ -1,0 +1,352 @@
+"""The Redis side of a request: key layout, atomic transitions, reading records.
+
+Every transition runs `transitions.lua` in one EVALSHA: compare-and-set on the status, the
+audit entry, any follow-up arq job and the pub/sub wake-up happen together or not at all.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from enum import StrEnum
+from importlib.resources import files
+from typing import TYPE_CHECKING, Any, TypeVar
+
+from pydantic import ValidationError
+from redis.exceptions import RedisError
+
+from .constants import (
+    ARQ_IN_PROGRESS_PREFIX,
+    ARQ_JOB_PREFIX,
+    DEFAULT_NAMESPACE,
+    DEFAULT_RETENTION_S,
+    EXPIRY_ACTOR,
+    Keys,
+)
+from .errors import GateUnavailable
+from .models import RequestRecord, Status, ms_to_datetime
+
+if TYPE_CHECKING:
+    from collections.abc import Awaitable, Sequence
+
+    from redis.asyncio import Redis
+    from redis.commands.core import AsyncScript
+
+__all__ = ["CreateResult", "Outcome", "Store", "TransitionResult"]
+
+T = TypeVar("T")
+
+_SCRIPT = files("sudo_queue").joinpath("transitions.lua").read_text()
+
+
+class Outcome(StrEnum):
+    """What a transition did."""
+
+    APPLIED = "applied"  # the status changed (see `status`)
+    VOTED = "voted"  # an approval was counted; the quorum is not reached yet
+    DUPLICATE = "duplicate"  # this approver had already voted: nothing changed
+    NOT_DUE = "not_due"  # expire was asked before the deadline: nothing changed
+    REFUSED = "refused"  # the current status does not allow it: nothing changed
+    MISSING = "missing"  # no such request
+
+
+@dataclass(frozen=True, slots=True)
+class TransitionResult:
+    """The answer of one atomic transition."""
+
+    outcome: Outcome
+    status: Status | None = None
+    detail: str = ""
+    votes: int = 0
+    needed: int = 0
+    remaining_ms: int = 0
+
+    @property
+    def changed(self) -> bool:
+        return self.outcome in (Outcome.APPLIED, Outcome.VOTED)
+
+
+@dataclass(frozen=True, slots=True)
+class CreateResult:
+    """The answer of `Store.create`: a new request, or the one the idempotency key points at."""
+
+    request_id: str
+    created: bool
+    same_call: bool  # the existing request has the same resource, action and args digest
+    status: Status
+
+
+def _status(value: str) -> Status | None:
+    try:
+        return Status(value)
+    except ValueError:
+        return None
+
+
+class Store:
+    """Reads request records and applies transitions; shared by the Gate, workers and channels."""
+
+    def __init__(
+        self,
+        redis: Redis,
+        *,
+        namespace: str = DEFAULT_NAMESPACE,
+        retention_s: float = DEFAULT_RETENTION_S,
+        audit_maxlen: int = 0,
+    ) -> None:
+        self.redis = redis
+        self.keys = Keys(namespace)
+        self.retention_ms = int(retention_s * 1000)
+        self.audit_maxlen = audit_maxlen
+        self._script: AsyncScript = redis.register_script(_SCRIPT)
+
+    def idem_key(self, agent: str, key: str) -> str:
+        """The idempotency key of (agent, key); hashed so that ':' in names cannot collide."""
+        digest = hashlib.sha256(f"{agent}\n{key}".encode()).hexdigest()[:32]
+        return self.keys.idem_prefix + digest
+
+    async def _run(self, op: str, request_id: str, params: dict[str, Any], idem: str = "") -> Any:
+        k = self.keys
+        keys = [
+            k.request(request_id),
+            k.votes(request_id),
+            idem,
+            k.queued,
+            k.pending,
+            k.queue,
+            k.audit,
+        ]
+        argv = [
+            op,
+            json.dumps(params, separators=(",", ":")),
+            k.request_prefix,
+            k.channel_prefix,
+            ARQ_JOB_PREFIX,
+            ARQ_IN_PROGRESS_PREFIX,
+            str(self.audit_maxlen),
+        ]
+        return await _guard(self._script(keys=keys, args=argv), f"{op} request {request_id}")
+
+    # -- transitions ---------------------------------------------------------------------------
+
+    async def create(
+        self,
+        request_id: str,
+        *,
+        agent: str,
+        resource: str,
+        action: str,
+        args_json: str,
+        args_digest: str,
+        context_json: str,
+        key: str | None,
+    ) -> CreateResult:
+        """Create a queued request and enqueue its evaluation, or find the one `key` names."""
+        idem = self.idem_key(agent, key) if key is not None else ""
+        params = {
+            "agent": agent,
+            "resource": resource,
+            "action": action,
+            "args": args_json,
+            "digest": args_digest,
+            "context": context_json,
+            "key": key or "",
+            "retention_ms": self.retention_ms,
+        }
+        reply = await self._run("create", request_id, params, idem)
+        if reply[0] == "created":
+            return CreateResult(request_id, True, True, Status.QUEUED)
+        if reply[0] == "exists":
+            status = _status(reply[3])
+            if status is None:
+                raise GateUnavailable(f"request {reply[1]} has an unknown status {reply[3]!r}")
+            same = reply[2] == args_digest and reply[4] == resource and reply[5] == action
+            return CreateResult(reply[1], False, same, status)
+        raise GateUnavailable(f"could not create request {request_id}: {reply!r}")
+
+    async def decide(
+        self,
+        request_id: str,
+        *,
+        status: Status,
+        agent: str,
+        resource: str,
+        action: str,
+        args_digest: str,
+        rule: str,
+        reason: str,
+        policy_version: str,
+        actor: str,
+        expires_in_s: float = 0,
+        approvers: Sequence[str] = (),
+        min_approvals: int = 1,
+        channel: str | None = None,
+        notify: Sequence[tuple[str, str]] = (),
+    ) -> TransitionResult:
+        """The policy's verdict: queued -> allowed, denied or pending (CAS on `queued`)."""
+        if status not in (Status.ALLOWED, Status.DENIED, Status.PENDING):
+            raise ValueError(f"a policy decides allowed, denied or pending, not {status}")
+        params = {
+            "verdict": status.value,
+            "agent": agent,
+            "resource": resource,
+            "action": action,
+            "digest": args_digest,
+            "rule": rule,
+            "reason": reason,
+            "policy_version": policy_version,
+            "actor": actor,
+            "expires_in_ms": int(expires_in_s * 1000),
+            "approvers": json.dumps(list(approvers)),
+            "min_approvals": min_approvals,
+            "channel": channel or "",
+            "notify": json.dumps([list(n) for n in notify]) if notify else "",
+        }
+        return _result(await self._run("decide", request_id, params))
+
+    async def approve(
+        self, request_id: str, *, actor: str, reason: str = "", args_digest: str = ""
+    ) -> TransitionResult:
+        """Count `actor`'s approval; the request is approved once the quorum is reached."""
+        params = {"actor": actor, "reason": reason, "digest": args_digest}
+        return _result(await self._run("approve", request_id, params))
+
+    async def reject(self, request_id: str, *, actor: str, reason: str = "") -> TransitionResult:
+        """Reject a pending request; one reject is final."""
+        return _result(await self._run("reject", request_id, {"actor": actor, "reason": reason}))
+
+    async def expire(self, request_id: str) -> TransitionResult:
+        """Expire a pending request whose deadline (server clock) has passed."""
+        return _result(await self._run("expire", request_id, {"actor": EXPIRY_ACTOR}))
+
+    async def cancel(self, request_id: str, *, actor: str, reason: str = "") -> TransitionResult:
+        """Cancel a queued or pending request."""
+        params = {"actor": actor, "reason": reason or f"cancelled by {actor}"}
+        return _result(await self._run("cancel", request_id, params))
+
+    async def fail(
+        self, request_id: str, *, actor: str, rule: str, reason: str
+    ) -> TransitionResult:
+        """Deny a queued request whose evaluation cannot complete (fail closed)."""
+        params = {"actor": actor, "rule": rule, "reason": reason}
+        return _result(await self._run("fail", request_id, params))
+
+    async def requeue(self, request_id: str) -> TransitionResult:
+        """Re-enqueue the evaluation of a queued request whose job was lost."""
+        return _result(await self._run("requeue", request_id, {}))
+
+    # -- reads ---------------------------------------------------------------------------------
+
+    async def get(self, request_id: str) -> RequestRecord | None:
+        """The record, or None if there is none; a malformed record raises GateUnavailable."""
+        async with self.redis.pipeline(transaction=False) as pipe:
+            pipe.hgetall(self.keys.request(request_id))
+            pipe.smembers(self.keys.votes(request_id))
+            raw, votes = await _guard(pipe.execute(), f"read request {request_id}")
+        if not raw:
+            return None
+        return parse_record(raw, votes)
+
+    async def open_ids(self, which: Status = Status.PENDING, limit: int = 1000) -> list[str]:
+        """Ids of pending (or queued) requests, oldest deadline (or creation) first."""
+        key = self.keys.pending if which is Status.PENDING else self.keys.queued
+        ids: list[str] = await _guard(self.redis.zrange(key, 0, limit - 1), "list requests")
+        return ids
+
+    async def due_ids(self, which: Status, before_ms: int | None = None) -> list[str]:
+        """Pending requests past their deadline, or queued ones created before `before_ms`."""
+        key = self.keys.pending if which is Status.PENDING else self.keys.queued
+        upper: float | str = "+inf" if before_ms is None else before_ms
+        if which is Status.PENDING and before_ms is None:
+            upper = await self.server_time_ms()
+        ids: list[str] = await _guard(
+            self.redis.zrangebyscore(key, "-inf", upper, start=0, num=500), "list due requests"
+        )
+        return ids
+
+    async def server_time_ms(self) -> int:
+        """The Redis server's clock, which every deadline is measured on."""
+        sec, usec = await _guard(self.redis.time(), "read the server clock")
+        return int(sec) * 1000 + int(usec) // 1000
+
+    async def records(self, ids: Sequence[str]) -> list[RequestRecord]:
+        """Records for several ids in one round trip; ids without a record are skipped."""
+        if not ids:
+            return []
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for request_id in ids:
+                pipe.hgetall(self.keys.request(request_id))
+                pipe.smembers(self.keys.votes(request_id))
+            replies = await _guard(pipe.execute(), "read requests")
+        return [
+            parse_record(raw, votes)
+            for raw, votes in zip(replies[::2], replies[1::2], strict=True)
+            if raw
+        ]
+
+
+def _result(reply: list[Any]) -> TransitionResult:
+    outcome = Outcome(reply[0])
+    if outcome is Outcome.APPLIED or outcome is Outcome.REFUSED:
+        detail = reply[2] if len(reply) > 2 else ""
+        return TransitionResult(outcome, _status(reply[1]), detail)
+    if outcome is Outcome.VOTED or outcome is Outcome.DUPLICATE:
+        return TransitionResult(
+            outcome, Status.PENDING, votes=int(reply[1]), needed=int(reply[2] or 1)
+        )
+    if outcome is Outcome.NOT_DUE:
+        return TransitionResult(outcome, Status.PENDING, remaining_ms=int(reply[1]))
+    return TransitionResult(outcome)
+
+
+async def _guard(awaitable: Awaitable[T], what: str) -> T:
+    """Translate Redis failures at the boundary: fail closed with a message that says what to do."""
+    try:
+        return await awaitable
+    except RedisError as exc:
+        raise GateUnavailable(
+            f"could not {what}: Redis failed ({type(exc).__name__}: {exc}); nothing was allowed. "
+            "Check that Redis is running and reachable at the configured URL"
+        ) from exc
+    except OSError as exc:
+        raise GateUnavailable(
+            f"could not {what}: cannot reach Redis ({exc}); nothing was allowed"
+        ) from exc
+
+
+def parse_record(raw: dict[str, str], votes: set[str] | Sequence[str] = ()) -> RequestRecord:
+    """Build a RequestRecord from a Redis hash; anything malformed raises GateUnavailable."""
+    try:
+        return RequestRecord(
+            id=raw["id"],
+            agent=raw["agent"],
+            resource=raw["resource"],
+            action=raw["action"],
+            args=json.loads(raw["args"]),
+            args_digest=raw["args_digest"],
+            key=raw.get("key") or None,
+            context=json.loads(raw.get("context") or "{}"),
+            status=Status(raw["status"]),
+            rule=raw.get("rule") or None,
+            reason=raw.get("reason") or None,
+            created_at=ms_to_datetime(raw["created_at"]) or _missing("created_at"),
+            expires_at=ms_to_datetime(raw.get("expires_at")),
+            decided_at=ms_to_datetime(raw.get("decided_at")),
+            decided_by=raw.get("decided_by") or None,
+            approvers=json.loads(raw.get("approvers") or "[]"),
+            min_approvals=int(raw.get("min_approvals") or 1),
+            approvals=sorted(votes),
+            channel=raw.get("channel") or None,
+            policy_version=raw.get("policy_version") or None,
+        )
+    except (KeyError, ValueError, TypeError, ValidationError) as exc:
+        rid = raw.get("id", "?")
+        raise GateUnavailable(
+            f"the Redis record of request {rid} is malformed ({type(exc).__name__}: {exc}); "
+            "treating it as not granted"
+        ) from exc
+
+
+def _missing(field: str) -> Any:
+    raise KeyError(field)

@@ -1,0 +1,1 @@
+"""arq worker processes of sudo-queue (installed as `sudo_queue.workers`)."""

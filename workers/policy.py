@@ -1,0 +1,336 @@
+"""The policy worker: evaluates queued requests, expires pending ones, recovers lost jobs.
+
+Run it with `sudo-queue worker --policy FILE`. Jobs are JSON (never pickle); each request has one
+evaluation job whose id derives from the request id, and every write is a compare-and-set in the
+store, so arq's at-least-once delivery never decides a request twice.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import signal
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypedDict
+
+import structlog
+from arq import Retry, Worker, cron
+from arq.connections import RedisSettings
+from redis.asyncio import Redis
+from redis.exceptions import RedisError
+
+from sudo_queue.constants import DEFAULT_NAMESPACE, POLICY_ACTOR
+from sudo_queue.errors import GateUnavailable, PolicyError
+from sudo_queue.models import Status, digest
+from sudo_queue.policy import Evaluation, Policy, Verdict
+from sudo_queue.store import Outcome, Store
+
+__all__ = ["PolicyHolder", "WorkerConfig", "WorkerContext", "run", "worker_kwargs"]
+
+log = structlog.get_logger(__name__)
+
+MAX_TRIES = 5
+JOB_TIMEOUT_S = 10
+# A queued request older than this with no evaluation job left is re-enqueued by the sweeper.
+REQUEUE_AFTER_MS = 30_000
+SWEEP_SECONDS = set(range(0, 60, 5))
+
+_STATUS = {
+    Verdict.ALLOW: Status.ALLOWED,
+    Verdict.DENY: Status.DENIED,
+    Verdict.REQUIRE_APPROVAL: Status.PENDING,
+}
+
+
+def json_dumps(value: Any) -> bytes:
+    return json.dumps(value, separators=(",", ":")).encode()
+
+
+def json_loads(raw: bytes | str) -> Any:
+    return json.loads(raw)
+
+
+class PolicyHolder:
+    """The policy in force; `reload()` swaps it only for a file that loads cleanly."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.current = Policy.load(path)  # a bad file at start stops the worker: PolicyError
+        self._mtime = self._stat()
+
+    def _stat(self) -> float:
+        try:
+            return self.path.stat().st_mtime
+        except OSError:
+            return 0.0
+
+    def reload(self, *, only_if_changed: bool = False) -> bool:
+        """Load the file again; keep the last good policy (and log why) if it is invalid."""
+        mtime = self._stat()
+        if only_if_changed and mtime == self._mtime:
+            return False
+        self._mtime = mtime
+        try:
+            policy = Policy.load(self.path)
+        except PolicyError as exc:
+            log.error(
+                "policy_reload_failed",
+                path=str(self.path),
+                error=str(exc),
+                kept_version=self.current.version,
+            )
+            return False
+        if policy.version != self.current.version:
+            log.info(
+                "policy_reloaded",
+                path=str(self.path),
+                old_version=self.current.version,
+                version=policy.version,
+            )
+        self.current = policy
+        return True
+
+
+@dataclass(frozen=True, kw_only=True)
+class WorkerConfig:
+    """Everything a policy worker process needs; built by the CLI from Settings."""
+
+    redis_url: str
+    policy_path: Path
+    namespace: str = DEFAULT_NAMESPACE
+    # (arq queue, function) pairs that get a job whenever a request turns pending or is decided
+    # after being pending: the approval channels (Slack) subscribe here.
+    notify: tuple[tuple[str, str], ...] = ()
+    max_jobs: int = 100
+    poll_delay_s: float = 0.5
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+class WorkerContext(TypedDict, total=False):
+    """arq's ctx dict as our jobs see it."""
+
+    redis: Any  # arq's own pool (bytes); our jobs use `store`
+    job_id: str
+    job_try: int
+    store: Store
+    policy: PolicyHolder
+    config: WorkerConfig
+    own_redis: Redis
+
+
+async def evaluate(
+    ctx: WorkerContext,
+    request_id: str,
+    agent: str,
+    resource: str,
+    action: str,
+    args_json: str,
+    context_json: str,
+    args_digest: str,
+) -> str:
+    """Decide a queued request: allowed, denied or pending (with its deadline)."""
+    store, config = ctx["store"], ctx["config"]
+    bound = log.bind(request_id=request_id, agent=agent, resource=resource, action=action)
+    policy = ctx["policy"].current
+    try:
+        if digest(args_json) != args_digest:
+            raise ValueError("the job's args do not match their digest")
+        args = json.loads(args_json)
+        context = json.loads(context_json)
+        evaluation = policy.evaluate(
+            agent=agent, resource=resource, action=action, args=args, context=context
+        )
+    except Exception as exc:  # anything but a clean verdict fails closed
+        bound.error("evaluation_failed", error=repr(exc))
+        evaluation = Evaluation(
+            Verdict.DENY, rule="<error>", reason=f"evaluation failed ({exc}); denied", error=True
+        )
+    try:
+        result = await store.decide(
+            request_id,
+            status=_STATUS[evaluation.decision],
+            agent=agent,
+            resource=resource,
+            action=action,
+            args_digest=args_digest,
+            rule=evaluation.rule,
+            reason=evaluation.reason,
+            policy_version=policy.version,
+            actor=POLICY_ACTOR,
+            expires_in_s=evaluation.expires_in,
+            approvers=evaluation.approvers,
+            min_approvals=evaluation.min_approvals,
+            channel=evaluation.channel,
+            notify=config.notify,
+        )
+    except GateUnavailable as exc:
+        await _retry_or_give_up(ctx, request_id, exc)
+        raise  # unreachable: _retry_or_give_up raises
+    bound.info(
+        "request_decided" if result.outcome is Outcome.APPLIED else "request_already_decided",
+        status=result.status.value if result.status else None,
+        rule=evaluation.rule,
+        policy_version=policy.version,
+        outcome=result.outcome.value,
+    )
+    return result.outcome.value
+
+
+async def _retry_or_give_up(ctx: WorkerContext, request_id: str, exc: Exception) -> None:
+    """Redis trouble: let arq retry with backoff; after the last try, fail closed."""
+    job_try = ctx.get("job_try", 1)
+    if job_try < MAX_TRIES:
+        log.warning("evaluation_retry", request_id=request_id, job_try=job_try, error=str(exc))
+        raise Retry(defer=min(0.2 * 2**job_try, 5.0)) from exc
+    log.error("evaluation_gave_up", request_id=request_id, job_try=job_try, error=str(exc))
+    with contextlib.suppress(GateUnavailable):
+        await ctx["store"].fail(
+            request_id,
+            actor=POLICY_ACTOR,
+            rule="<error>",
+            reason=f"evaluation failed {job_try} times ({exc}); denied",
+        )
+    raise exc
+
+
+async def expire(ctx: WorkerContext, request_id: str) -> str:
+    """Expire a pending request at its deadline (measured on the Redis server's clock)."""
+    result = await ctx["store"].expire(request_id)
+    if result.outcome is Outcome.NOT_DUE:
+        raise Retry(defer=result.remaining_ms / 1000 + 0.01)
+    if result.outcome is Outcome.APPLIED:
+        log.info("request_expired", request_id=request_id)
+    return result.outcome.value
+
+
+async def sweep(ctx: WorkerContext) -> dict[str, int]:
+    """Backstop for lost jobs: expire overdue requests, re-enqueue queued ones without a job."""
+    store = ctx["store"]
+    ctx["policy"].reload(only_if_changed=True)
+    expired = requeued = 0
+    for request_id in await store.due_ids(Status.PENDING):
+        if (await store.expire(request_id)).outcome is Outcome.APPLIED:
+            expired += 1
+    cutoff = await store.server_time_ms() - REQUEUE_AFTER_MS
+    for request_id in await store.due_ids(Status.QUEUED, before_ms=cutoff):
+        if (await store.requeue(request_id)).outcome is Outcome.APPLIED:
+            requeued += 1
+    if expired or requeued:
+        log.info("sweep_recovered", expired=expired, requeued=requeued)
+    return {"expired": expired, "requeued": requeued}
+
+
+def _make_startup(config: WorkerConfig, holder: PolicyHolder) -> Any:
+    async def startup(ctx: WorkerContext) -> None:
+        redis = Redis.from_url(
+            config.redis_url, decode_responses=True, socket_connect_timeout=5, socket_timeout=10
+        )
+        ctx["own_redis"] = redis
+        ctx["store"] = Store(redis, namespace=config.namespace)
+        ctx["policy"] = holder
+        ctx["config"] = config
+
+    return startup
+
+
+async def shutdown(ctx: WorkerContext) -> None:
+    redis = ctx.get("own_redis")
+    if redis is not None:
+        await redis.aclose()
+
+
+def worker_kwargs(config: WorkerConfig, holder: PolicyHolder) -> dict[str, Any]:
+    """The arq Worker arguments: the one place that wires the job functions."""
+    return {
+        "functions": [evaluate, expire],
+        "cron_jobs": [
+            # arq types ctx as a plain dict; ours is a TypedDict of the same dict.
+            cron(sweep, second=SWEEP_SECONDS, unique=True, timeout=JOB_TIMEOUT_S)  # type: ignore[arg-type]
+        ],
+        "queue_name": f"{config.namespace}:queue",
+        "redis_settings": RedisSettings.from_dsn(config.redis_url),
+        "on_startup": _make_startup(config, holder),
+        "on_shutdown": shutdown,
+        "job_serializer": json_dumps,
+        "job_deserializer": json_loads,
+        "max_tries": MAX_TRIES,
+        "job_timeout": JOB_TIMEOUT_S,
+        "keep_result": 0,
+        "max_jobs": config.max_jobs,
+        "poll_delay": config.poll_delay_s,
+        "health_check_interval": 10,
+        "handle_signals": False,
+    }
+
+
+async def run(config: WorkerConfig) -> None:
+    """Run the worker until SIGINT/SIGTERM, reconnecting whenever Redis goes away."""
+    holder = PolicyHolder(config.policy_path)
+    log.info(
+        "worker_starting",
+        policy=str(config.policy_path),
+        version=holder.current.version,
+        rules=len(holder.current.rules),
+        namespace=config.namespace,
+        pid=os.getpid(),
+    )
+    loop = asyncio.get_running_loop()
+    stopping = asyncio.Event()
+    current: list[Worker] = []
+    background: set[asyncio.Task[None]] = set()
+
+    def on_stop(signum: int) -> None:
+        log.info("worker_stopping", signal=signal.Signals(signum).name)
+        stopping.set()
+        for worker in current:
+            # Take no new jobs; the in-flight ones finish (they take milliseconds) or, if they
+            # do not within the grace period, arq hands them back to the queue.
+            worker.allow_pick_jobs = False
+            task = loop.create_task(_stop_after_grace(worker, signum))
+            background.add(task)
+            task.add_done_callback(background.discard)
+
+    def on_hup() -> None:
+        holder.reload()
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, on_stop, sig)
+    loop.add_signal_handler(signal.SIGHUP, on_hup)
+
+    delay = 0.5
+    try:
+        while not stopping.is_set():
+            worker = Worker(**worker_kwargs(config, holder))
+            current[:] = [worker]
+            try:
+                await worker.async_run()
+            except asyncio.CancelledError:
+                if not stopping.is_set():
+                    raise
+            except (RedisError, OSError) as exc:
+                log.warning(
+                    "worker_redis_lost", error=str(exc) or type(exc).__name__, retry_in_s=delay
+                )
+            else:
+                delay = 0.5
+            finally:
+                with contextlib.suppress(Exception):
+                    await worker.close()
+            if not stopping.is_set():
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(stopping.wait(), delay)
+                delay = min(delay * 2, 10.0)
+    finally:
+        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+            loop.remove_signal_handler(sig)
+    log.info("worker_stopped")
+
+
+async def _stop_after_grace(worker: Worker, signum: int, grace_s: float = 5.0) -> None:
+    tasks = [t for t in worker.tasks.values() if not t.done()]
+    if tasks:
+        await asyncio.wait(tasks, timeout=grace_s)
+    worker.handle_sig(signal.Signals(signum))
