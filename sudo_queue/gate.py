@@ -174,7 +174,7 @@ class Gate:
         if not result.same_call:
             assert key is not None  # only a key can point at an existing request
             raise IdempotencyConflict(self.agent, key, result.request_id)
-        log.info(
+        log.debug(
             "request_submitted" if result.created else "request_reattached",
             request_id=result.request_id,
             agent=self.agent,

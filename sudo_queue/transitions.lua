@@ -39,6 +39,13 @@ local function enqueue(job_queue, job_id, fn, args, score)
     .. ',"k":{},"et":' .. string.format('%d', now) .. '}'
   redis.call('SET', job_key, payload, 'PX', math.max(score - now, 0) + DAY_MS)
   redis.call('ZADD', job_queue, score, job_id)
+  if score <= now then
+    -- Wake a worker blocked on BLPOP instead of letting it sleep through its poll delay.
+    -- Bounded: a token only means "look at the queue now", so more than a few are noise.
+    local wake = job_queue .. ':wake'
+    redis.call('LPUSH', wake, '1')
+    redis.call('LTRIM', wake, 0, 15)
+  end
 end
 
 local function eval_job(rec)

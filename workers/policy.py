@@ -18,7 +18,7 @@ from typing import Any, TypedDict
 
 import structlog
 from arq import Retry, Worker, cron
-from arq.connections import RedisSettings
+from arq.connections import RedisSettings, create_pool
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
@@ -43,6 +43,39 @@ _STATUS = {
     Verdict.DENY: Status.DENIED,
     Verdict.REQUIRE_APPROVAL: Status.PENDING,
 }
+
+
+class WakeableWorker(Worker):
+    """An arq Worker that blocks on its queue's wake-up list instead of sleeping `poll_delay`.
+
+    The store pushes a token on `<queue>:wake` in the same atomic step that enqueues a job, so an
+    idle worker picks new work within a round trip. `poll_delay` remains the longest a worker
+    blocks, which bounds how late deferred jobs (expiry, retries) and cron run; retries,
+    deferral and at-least-once delivery stay arq's own.
+    """
+
+    async def main(self) -> None:
+        if self._pool is None:
+            self._pool = await create_pool(
+                self.redis_settings,
+                job_deserializer=self.job_deserializer,
+                job_serializer=self.job_serializer,
+                default_queue_name=self.queue_name,
+                expires_extra_ms=self.expires_extra_ms,
+            )
+        self.ctx["redis"] = self.pool
+        if self.on_startup:
+            await self.on_startup(self.ctx)
+        wake_key = f"{self.queue_name}:wake"
+        while True:
+            await self._poll_iteration()
+            if self.allow_pick_jobs and self.job_counter < self.max_jobs:
+                # BLPOP takes fractional seconds since Redis 6; redis-py's stub says int.
+                await self.pool.execute_command(  # type: ignore[no-untyped-call]  # untyped in redis-py
+                    "BLPOP", wake_key, self.poll_delay_s
+                )
+            else:
+                await asyncio.sleep(self.poll_delay_s)
 
 
 def json_dumps(value: Any) -> bytes:
@@ -279,7 +312,7 @@ async def run(config: WorkerConfig) -> None:
     )
     loop = asyncio.get_running_loop()
     stopping = asyncio.Event()
-    current: list[Worker] = []
+    current: list[WakeableWorker] = []
     background: set[asyncio.Task[None]] = set()
 
     def on_stop(signum: int) -> None:
@@ -303,7 +336,7 @@ async def run(config: WorkerConfig) -> None:
     delay = 0.5
     try:
         while not stopping.is_set():
-            worker = Worker(**worker_kwargs(config, holder))
+            worker = WakeableWorker(**worker_kwargs(config, holder))
             current[:] = [worker]
             try:
                 await worker.async_run()
@@ -329,7 +362,7 @@ async def run(config: WorkerConfig) -> None:
     log.info("worker_stopped")
 
 
-async def _stop_after_grace(worker: Worker, signum: int, grace_s: float = 5.0) -> None:
+async def _stop_after_grace(worker: WakeableWorker, signum: int, grace_s: float = 5.0) -> None:
     tasks = [t for t in worker.tasks.values() if not t.done()]
     if tasks:
         await asyncio.wait(tasks, timeout=grace_s)
