@@ -7,26 +7,25 @@ store, so arq's at-least-once delivery never decides a request twice.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import json
 import os
-import signal
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypedDict
 
 import structlog
-from arq import Retry, Worker, cron
-from arq.connections import RedisSettings, create_pool
+from arq import Retry, cron
+from arq.connections import RedisSettings
 from redis.asyncio import Redis
-from redis.exceptions import RedisError
 
 from sudo_queue.constants import DEFAULT_NAMESPACE, POLICY_ACTOR
 from sudo_queue.errors import GateUnavailable, PolicyError
 from sudo_queue.models import Status, digest
 from sudo_queue.policy import Evaluation, Policy, Verdict
 from sudo_queue.store import Outcome, Store
+
+from .runner import json_dumps, json_loads, run_forever
 
 __all__ = ["PolicyHolder", "WorkerConfig", "WorkerContext", "run", "worker_kwargs"]
 
@@ -43,47 +42,6 @@ _STATUS = {
     Verdict.DENY: Status.DENIED,
     Verdict.REQUIRE_APPROVAL: Status.PENDING,
 }
-
-
-class WakeableWorker(Worker):
-    """An arq Worker that blocks on its queue's wake-up list instead of sleeping `poll_delay`.
-
-    The store pushes a token on `<queue>:wake` in the same atomic step that enqueues a job, so an
-    idle worker picks new work within a round trip. `poll_delay` remains the longest a worker
-    blocks, which bounds how late deferred jobs (expiry, retries) and cron run; retries,
-    deferral and at-least-once delivery stay arq's own.
-    """
-
-    async def main(self) -> None:
-        if self._pool is None:
-            self._pool = await create_pool(
-                self.redis_settings,
-                job_deserializer=self.job_deserializer,
-                job_serializer=self.job_serializer,
-                default_queue_name=self.queue_name,
-                expires_extra_ms=self.expires_extra_ms,
-            )
-        self.ctx["redis"] = self.pool
-        if self.on_startup:
-            await self.on_startup(self.ctx)
-        wake_key = f"{self.queue_name}:wake"
-        while True:
-            await self._poll_iteration()
-            if self.allow_pick_jobs and self.job_counter < self.max_jobs:
-                # BLPOP takes fractional seconds since Redis 6; redis-py's stub says int.
-                await self.pool.execute_command(  # type: ignore[no-untyped-call]  # untyped in redis-py
-                    "BLPOP", wake_key, self.poll_delay_s
-                )
-            else:
-                await asyncio.sleep(self.poll_delay_s)
-
-
-def json_dumps(value: Any) -> bytes:
-    return json.dumps(value, separators=(",", ":")).encode()
-
-
-def json_loads(raw: bytes | str) -> Any:
-    return json.loads(raw)
 
 
 class PolicyHolder:
@@ -300,7 +258,7 @@ def worker_kwargs(config: WorkerConfig, holder: PolicyHolder) -> dict[str, Any]:
 
 
 async def run(config: WorkerConfig) -> None:
-    """Run the worker until SIGINT/SIGTERM, reconnecting whenever Redis goes away."""
+    """Run the policy worker until SIGINT/SIGTERM; SIGHUP reloads the policy."""
     holder = PolicyHolder(config.policy_path)
     log.info(
         "worker_starting",
@@ -310,60 +268,4 @@ async def run(config: WorkerConfig) -> None:
         namespace=config.namespace,
         pid=os.getpid(),
     )
-    loop = asyncio.get_running_loop()
-    stopping = asyncio.Event()
-    current: list[WakeableWorker] = []
-    background: set[asyncio.Task[None]] = set()
-
-    def on_stop(signum: int) -> None:
-        log.info("worker_stopping", signal=signal.Signals(signum).name)
-        stopping.set()
-        for worker in current:
-            # Take no new jobs; the in-flight ones finish (they take milliseconds) or, if they
-            # do not within the grace period, arq hands them back to the queue.
-            worker.allow_pick_jobs = False
-            task = loop.create_task(_stop_after_grace(worker, signum))
-            background.add(task)
-            task.add_done_callback(background.discard)
-
-    def on_hup() -> None:
-        holder.reload()
-
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, on_stop, sig)
-    loop.add_signal_handler(signal.SIGHUP, on_hup)
-
-    delay = 0.5
-    try:
-        while not stopping.is_set():
-            worker = WakeableWorker(**worker_kwargs(config, holder))
-            current[:] = [worker]
-            try:
-                await worker.async_run()
-            except asyncio.CancelledError:
-                if not stopping.is_set():
-                    raise
-            except (RedisError, OSError) as exc:
-                log.warning(
-                    "worker_redis_lost", error=str(exc) or type(exc).__name__, retry_in_s=delay
-                )
-            else:
-                delay = 0.5
-            finally:
-                with contextlib.suppress(Exception):
-                    await worker.close()
-            if not stopping.is_set():
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(stopping.wait(), delay)
-                delay = min(delay * 2, 10.0)
-    finally:
-        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
-            loop.remove_signal_handler(sig)
-    log.info("worker_stopped")
-
-
-async def _stop_after_grace(worker: WakeableWorker, signum: int, grace_s: float = 5.0) -> None:
-    tasks = [t for t in worker.tasks.values() if not t.done()]
-    if tasks:
-        await asyncio.wait(tasks, timeout=grace_s)
-    worker.handle_sig(signal.Signals(signum))
+    await run_forever(lambda: worker_kwargs(config, holder), on_hup=holder.reload)
