@@ -194,9 +194,25 @@ class Gate:
         context: dict[str, Any] | None = None,
         timeout: float | None = None,
     ) -> Decision:
-        """Ask and wait: a granted Decision, or RequestDenied / WaitTimeout / GateUnavailable."""
-        request_id = await self.submit(resource, action, args, key=key, context=context)
-        return await self.wait(request_id, timeout=timeout)
+        """Ask and wait: a granted Decision, or RequestDenied / WaitTimeout / GateUnavailable.
+
+        `timeout` bounds the whole call, submitting included, so a frozen Redis cannot hold the
+        agent longer than it asked for.
+        """
+        started = time.monotonic()
+        try:
+            async with asyncio.timeout(timeout):
+                request_id = await self.submit(resource, action, args, key=key, context=context)
+        except TimeoutError:
+            raise GateUnavailable(
+                f"Redis did not answer within {timeout:g}s while submitting; nothing was allowed. "
+                "The request may or may not exist: retry with the same key to re-attach safely"
+            ) from None
+        remaining = None if timeout is None else max(timeout - (time.monotonic() - started), 0)
+        try:
+            return await self.wait(request_id, timeout=remaining)
+        except WaitTimeout:
+            raise WaitTimeout(request_id, timeout or 0) from None
 
     async def wait(self, request_id: str, timeout: float | None = None) -> Decision:
         """Wait for the request's decision; the request stays open if `timeout` runs out."""

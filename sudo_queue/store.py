@@ -22,6 +22,7 @@ from .constants import (
     DEFAULT_NAMESPACE,
     DEFAULT_RETENTION_S,
     EXPIRY_ACTOR,
+    POLICY_ACTOR,
     Keys,
 )
 from .errors import GateUnavailable
@@ -232,9 +233,15 @@ class Store:
         params = {"actor": actor, "rule": rule, "reason": reason}
         return _result(await self._run("fail", request_id, params))
 
-    async def requeue(self, request_id: str) -> TransitionResult:
-        """Re-enqueue the evaluation of a queued request whose job was lost."""
-        return _result(await self._run("requeue", request_id, {}))
+    async def requeue(
+        self, request_id: str, *, actor: str = POLICY_ACTOR, max_requeues: int = 3
+    ) -> TransitionResult:
+        """Re-enqueue the evaluation of a queued request whose job was lost.
+
+        After `max_requeues` recoveries the request is denied instead (fail closed).
+        """
+        params = {"actor": actor, "max_requeues": max_requeues}
+        return _result(await self._run("requeue", request_id, params))
 
     # -- reads ---------------------------------------------------------------------------------
 

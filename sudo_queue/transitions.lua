@@ -150,6 +150,14 @@ if op == 'requeue' then
       or redis.call('EXISTS', progress_prefix .. job_id) == 1 then
     return {'refused', 'queued', 'its evaluation job is still there'}
   end
+  -- A job that keeps vanishing (it crashes the worker process, or is refused as undecodable)
+  -- must not loop forever: after a few recoveries the request is denied, fail closed.
+  if redis.call('HINCRBY', req, 'requeues', 1) > tonumber(p.max_requeues) then
+    redis.call('HSET', req, 'rule', '<error>')
+    rec.rule = '<error>'
+    return finish(rec, 'denied', p.actor,
+      'its evaluation never completed after ' .. p.max_requeues .. ' recoveries; denied')
+  end
   eval_job(rec)
   return {'applied', 'queued'}
 end

@@ -334,3 +334,18 @@ async def test_hundred_concurrent_approve_reject_one_winner(
     assert record.status is winners[0].status
     events = await audit_events(fake_redis)
     assert events.count("approved") + events.count("rejected") == 1
+
+
+async def test_requeue_is_capped_then_denies(store: Store, fake_redis: Redis) -> None:
+    """A job that keeps vanishing is re-enqueued a few times, then the request is denied."""
+    await create(store)
+    for _ in range(2):
+        await fake_redis.delete("arq:job:sq-eval:r1")
+        assert (await store.requeue("r1", max_requeues=2)).outcome is Outcome.APPLIED
+    await fake_redis.delete("arq:job:sq-eval:r1")
+    result = await store.requeue("r1", max_requeues=2)
+    assert result.status is Status.DENIED
+    record = await store.get("r1")
+    assert record is not None
+    assert record.rule == "<error>"
+    assert "never completed" in (record.reason or "")

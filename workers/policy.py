@@ -126,6 +126,18 @@ async def evaluate(
     store, config = ctx["store"], ctx["config"]
     bound = log.bind(request_id=request_id, agent=agent, resource=resource, action=action)
     policy = ctx["policy"].current
+    job_try = ctx.get("job_try", 1)
+    if job_try >= MAX_TRIES:
+        # Every earlier try died without an answer (a crash, or Redis trouble): evaluating again
+        # may crash again, so this one denies without evaluating.
+        bound.error("evaluation_abandoned", job_try=job_try)
+        await ctx["store"].fail(
+            request_id,
+            actor=POLICY_ACTOR,
+            rule="<error>",
+            reason=f"evaluation did not complete in {job_try - 1} tries; denied (fail closed)",
+        )
+        return "abandoned"
     try:
         if digest(args_json) != args_digest:
             raise ValueError("the job's args do not match their digest")
