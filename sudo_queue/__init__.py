@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from .audit import AuditLog
 from .errors import (
     GateUnavailable,
     IdempotencyConflict,
@@ -14,9 +15,11 @@ from .errors import (
 )
 from .gate import Gate
 from .models import Decision, RequestRecord, Status
+from .redact import redact
 from .store import Outcome, Store, TransitionResult
 
 __all__ = [
+    "AuditLog",
     "Decision",
     "Gate",
     "GateUnavailable",
@@ -32,6 +35,7 @@ __all__ = [
     "SudoQueueError",
     "TransitionResult",
     "WaitTimeout",
+    "redact",
 ]
 
 __version__ = "0.1.0"

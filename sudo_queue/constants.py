@@ -27,10 +27,13 @@ class Keys:
 
     __slots__ = (
         "audit",
+        "audit_head",
         "channel_prefix",
         "idem_prefix",
+        "inbox_prefix",
         "namespace",
         "pending",
+        "policy",
         "queue",
         "queued",
         "request_prefix",
@@ -45,10 +48,16 @@ class Keys:
         self.votes_prefix = f"{namespace}:votes:"
         self.idem_prefix = f"{namespace}:idem:"
         self.channel_prefix = f"{namespace}:chan:"
+        # A Gate's own channel: the ids of the requests it created, on each transition.
+        self.inbox_prefix = f"{namespace}:inbox:"
         self.queued = f"{namespace}:queued"
         self.pending = f"{namespace}:pending"
         self.queue = f"{namespace}:queue"
         self.audit = f"{namespace}:audit"
+        # The audit chain's head (hash, count) and retained anchor, next to the stream.
+        self.audit_head = f"{namespace}:audit:head"
+        # The policy the workers run (version, redaction key patterns), for other processes.
+        self.policy = f"{namespace}:policy"
 
     def request(self, request_id: str) -> str:
         return self.request_prefix + request_id
@@ -58,3 +67,6 @@ class Keys:
 
     def channel(self, request_id: str) -> str:
         return self.channel_prefix + request_id
+
+    def inbox(self, token: str) -> str:
+        return self.inbox_prefix + token

@@ -33,7 +33,7 @@ from .models import (
     digest,
 )
 from .multiplexer import Multiplexer
-from .store import Outcome, Store
+from .store import CreateResult, Outcome, Store
 
 if TYPE_CHECKING:
     from collections.abc import Awaitable, Callable
@@ -49,6 +49,10 @@ R = TypeVar("R")
 # A waiter whose deadline passed asks the server (whose clock decides) to expire the request;
 # if the server says "not yet", it asks again after the remaining time, but never more often.
 _MIN_RECHECK_S = 0.05
+# A queued request is decided within milliseconds; one still queued after this is re-read, so a
+# lost write (the record vanished) or a lost wake-up cannot leave its waiter hanging. Pending
+# requests are not re-read: they can wait for hours, and 10,000 of them must cost Redis nothing.
+_QUEUED_RECHECK_S = 5.0
 
 
 def _redis_down(exc: GateUnavailable) -> bool:
@@ -80,6 +84,9 @@ class Gate:
         self._owns_redis = owns_redis
         self.store = Store(redis, namespace=namespace, retention_s=retention_s)
         self._mux = Multiplexer(redis)
+        # Every transition of a request this Gate creates also sends the request id here, so
+        # that one subscription, made once, serves all of its `request` calls.
+        self._inbox = self.store.keys.inbox(uuid.uuid4().hex)
         self._closed = False
 
     @classmethod
@@ -150,6 +157,19 @@ class Gate:
         context: dict[str, Any] | None = None,
     ) -> str:
         """Create the request (or re-attach to the one `key` names) and return its id."""
+        found = await self._submit(resource, action, args, key, context, uuid.uuid4().hex, "")
+        return found.request_id
+
+    async def _submit(
+        self,
+        resource: str,
+        action: str,
+        args: Any,
+        key: str | None,
+        context: dict[str, Any] | None,
+        request_id: str,
+        inbox: str,
+    ) -> CreateResult:
         check_name(resource, "resource")
         check_name(action, "action")
         if key is not None and (not isinstance(key, str) or not key or len(key) > 256):
@@ -162,7 +182,7 @@ class Gate:
         context_json = canonical_json(context or {}, what="context", max_bytes=self.max_args_bytes)
         args_digest = digest(args_json)
         result = await self.store.create(
-            uuid.uuid4().hex,
+            request_id,
             agent=self.agent,
             resource=resource,
             action=action,
@@ -170,6 +190,7 @@ class Gate:
             args_digest=args_digest,
             context_json=context_json,
             key=key,
+            inbox=inbox,
         )
         if not result.same_call:
             assert key is not None  # only a key can point at an existing request
@@ -182,7 +203,7 @@ class Gate:
             action=action,
             status=result.status.value,
         )
-        return result.request_id
+        return result
 
     async def request(
         self,
@@ -200,27 +221,67 @@ class Gate:
         agent longer than it asked for.
         """
         started = time.monotonic()
+
+        def remaining() -> float | None:
+            return None if timeout is None else max(timeout - (time.monotonic() - started), 0)
+
+        # Once the Gate's inbox is subscribed (the first call starts that, without waiting for
+        # it), registering for the new id before creating the request is DESIGN.md's
+        # subscribe-then-read: the create's own answer (queued) is the read, and any transition
+        # after it reaches this waiter. A re-attached request keeps the wake-ups of its creator;
+        # it is waited for on its own channel, as `wait` does.
+        if await self._mux.keep(self._inbox):
+            new_id = uuid.uuid4().hex
+            async with self._mux.listen(self._inbox, key=new_id) as wake:
+                found = await self._submit_within(
+                    timeout, resource, action, args, key, context, new_id, self._inbox
+                )
+                if found.created:
+                    return await self._decided(
+                        new_id,
+                        lambda: self._wait_on(new_id, wake, created=True),
+                        remaining(),
+                        reported=timeout,
+                    )
+        else:
+            found = await self._submit_within(
+                timeout, resource, action, args, key, context, uuid.uuid4().hex, ""
+            )
+        return await self._decided(
+            found.request_id, lambda: self._wait(found.request_id), remaining(), reported=timeout
+        )
+
+    async def _submit_within(self, timeout: float | None, *args: Any) -> CreateResult:
         try:
             async with asyncio.timeout(timeout):
-                request_id = await self.submit(resource, action, args, key=key, context=context)
+                return await self._submit(*args)
         except TimeoutError:
             raise GateUnavailable(
-                f"Redis did not answer within {timeout:g}s while submitting; nothing was allowed. "
-                "The request may or may not exist: retry with the same key to re-attach safely"
+                f"Redis did not answer within {timeout:g}s while submitting; nothing was "
+                "allowed. The request may or may not exist: retry with the same key to "
+                "re-attach safely"
             ) from None
-        remaining = None if timeout is None else max(timeout - (time.monotonic() - started), 0)
-        try:
-            return await self.wait(request_id, timeout=remaining)
-        except WaitTimeout:
-            raise WaitTimeout(request_id, timeout or 0) from None
 
     async def wait(self, request_id: str, timeout: float | None = None) -> Decision:
         """Wait for the request's decision; the request stays open if `timeout` runs out."""
+        return await self._decided(request_id, lambda: self._wait(request_id), timeout)
+
+    async def _decided(
+        self,
+        request_id: str,
+        waiting: Callable[[], Awaitable[Decision]],
+        timeout: float | None,
+        *,
+        reported: float | None = None,
+    ) -> Decision:
+        """Await `waiting` within `timeout`; RequestDenied unless granted, WaitTimeout (saying
+        `reported`, the caller's whole timeout, if given) when time runs out."""
         try:
             async with asyncio.timeout(timeout):
-                decision = await self._wait(request_id)
+                decision = await waiting()
         except TimeoutError:
-            raise WaitTimeout(request_id, timeout or 0) from None
+            shown = timeout if reported is None else reported
+            raise WaitTimeout(request_id, shown or 0) from None
         if not decision.granted:
             raise RequestDenied(decision)
         return decision
@@ -242,12 +303,26 @@ class Gate:
     # -- waiting -------------------------------------------------------------------------------
 
     async def _wait(self, request_id: str) -> Decision:
-        backoff = 0.05
         async with self._mux.listen(self.store.keys.channel(request_id)) as wake:
-            while True:
+            return await self._wait_on(request_id, wake)
+
+    async def _wait_on(
+        self, request_id: str, wake: asyncio.Event, *, created: bool = False
+    ) -> Decision:
+        """Read the record on every wake-up until it is decided; `wake` is already subscribed.
+
+        `created`: this Gate has just created the request, so it is known to be queued and the
+        first read is skipped (a wake-up that came meanwhile stays set).
+        """
+        backoff = 0.05
+        while True:
+            if created:
+                created = False
+                status, expires_at = Status.QUEUED, None
+            else:
                 wake.clear()
                 try:
-                    record = await self.store.get(request_id)
+                    record = await self.store.get(request_id, votes=False)
                 except GateUnavailable as exc:
                     if not _redis_down(exc):
                         raise
@@ -262,18 +337,23 @@ class Gate:
                     return _vanished(request_id)
                 if record.status.terminal:
                     return record.decision()
-                sleep_for: float | None = None
-                if record.status is Status.PENDING and record.expires_at is not None:
-                    sleep_for = record.expires_at.timestamp() - time.time()
-                    if sleep_for <= 0:
-                        result = await self.store.expire(request_id)
-                        if result.outcome is Outcome.NOT_DUE:
-                            sleep_for = max(result.remaining_ms / 1000, _MIN_RECHECK_S)
-                        else:
-                            continue
-                    sleep_for = max(sleep_for, _MIN_RECHECK_S)
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(wake.wait(), sleep_for)
+                status, expires_at = record.status, record.expires_at
+                # A parked waiter keeps no record: 10,000 of them, with up to 64 KiB of args each.
+                del record
+            sleep_for: float | None = _QUEUED_RECHECK_S if status is Status.QUEUED else None
+            if status is Status.PENDING and expires_at is not None:
+                sleep_for = expires_at.timestamp() - time.time()
+                if sleep_for <= 0:
+                    result = await self.store.expire(request_id)
+                    if result.outcome is Outcome.NOT_DUE:
+                        sleep_for = max(result.remaining_ms / 1000, _MIN_RECHECK_S)
+                    else:
+                        continue
+                sleep_for = max(sleep_for, _MIN_RECHECK_S)
+            # asyncio.timeout rather than wait_for: no extra task per parked waiter.
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(sleep_for):
+                    await wake.wait()
 
     # -- decorating ----------------------------------------------------------------------------
 

@@ -34,15 +34,47 @@ PING_INTERVAL_S = 15.0
 
 
 class _Channel:
-    __slots__ = ("confirmed", "waiters")
+    __slots__ = ("confirmed", "keep", "keyed", "waiters")
 
     def __init__(self) -> None:
         self.waiters: set[asyncio.Event] = set()
+        # Waiters that only the messages carrying their key wake (a Gate's inbox carries the
+        # request id), so one subscription serves any number of them.
+        self.keyed: dict[str, list[asyncio.Event]] = {}
         self.confirmed = asyncio.Event()
+        self.keep = False  # stays subscribed without waiters (an inbox that every request reuses)
 
-    def wake(self) -> None:
+    @property
+    def idle(self) -> bool:
+        return not self.waiters and not self.keyed and not self.keep
+
+    def add(self, event: asyncio.Event, key: str | None) -> None:
+        if key is None:
+            self.waiters.add(event)
+        else:
+            self.keyed.setdefault(key, []).append(event)
+
+    def discard(self, event: asyncio.Event, key: str | None) -> None:
+        if key is None:
+            self.waiters.discard(event)
+            return
+        events = self.keyed.get(key, [])
+        if event in events:
+            events.remove(event)
+        if not events:
+            self.keyed.pop(key, None)
+
+    def wake(self, data: str | None = None) -> None:
+        """Wake the plain waiters and the keyed ones whose key is `data` (every one if None)."""
         for event in self.waiters:
             event.set()
+        if data is None:
+            for events in self.keyed.values():
+                for event in events:
+                    event.set()
+        else:
+            for event in self.keyed.get(data, ()):
+                event.set()
 
 
 class Multiplexer:
@@ -61,27 +93,49 @@ class Multiplexer:
         return len(self._channels)
 
     @asynccontextmanager
-    async def listen(self, channel: str) -> AsyncIterator[asyncio.Event]:
-        """Subscribe (sharing the connection) and yield an Event set on every wake-up."""
+    async def listen(self, channel: str, *, key: str | None = None) -> AsyncIterator[asyncio.Event]:
+        """Subscribe (sharing the connection) and yield an Event set on every wake-up.
+
+        With `key`, only the channel's messages whose data is `key` wake this waiter (and every
+        resubscription, as for all waiters): how many requests share a Gate's inbox.
+        """
         if self._closed:
             raise RuntimeError("the multiplexer is closed")
         event = asyncio.Event()
         entry = self._channels.get(channel)
         if entry is None:
             entry = self._channels[channel] = _Channel()
-            entry.waiters.add(event)
+            entry.add(event, key)
             self._start()
             if self._pubsub is not None:
                 await self._send("subscribe", channel)
         else:
-            entry.waiters.add(event)
+            entry.add(event, key)
         try:
             await entry.confirmed.wait()
             yield event
         finally:
-            entry.waiters.discard(event)
-            if not entry.waiters and entry.confirmed.is_set():
+            entry.discard(event, key)
+            if entry.idle and entry.confirmed.is_set():
                 await self._drop(channel, entry)
+
+    async def keep(self, channel: str) -> bool:
+        """Keep `channel` subscribed until close; True once Redis has confirmed it.
+
+        The first call subscribes in the background and returns False at once: a caller never
+        waits for the subscription, it uses the channel once it is confirmed.
+        """
+        if self._closed:
+            raise RuntimeError("the multiplexer is closed")
+        entry = self._channels.get(channel)
+        if entry is None:
+            entry = self._channels[channel] = _Channel()
+            entry.keep = True
+            self._start()
+            if self._pubsub is not None:
+                await self._send("subscribe", channel)
+        entry.keep = True
+        return entry.confirmed.is_set()
 
     async def _drop(self, channel: str, entry: _Channel) -> None:
         if self._channels.get(channel) is entry:
@@ -108,14 +162,16 @@ class Multiplexer:
         while not self._closed:
             pubsub = self._redis.pubsub()
             try:
+                # Connect before other coroutines may send on this PubSub: redis-py opens the
+                # connection lazily, and concurrent first sends would each open one of their own
+                # (overwriting each other), leaving subscriptions on connections nobody reads.
+                await pubsub.connect()  # type: ignore[no-untyped-call]  # untyped in redis-py
                 self._pubsub = pubsub
                 for entry in self._channels.values():
                     entry.confirmed.clear()
                 channels = list(self._channels)
                 if channels:
                     await pubsub.subscribe(*channels)
-                else:
-                    await pubsub.ping()
                 await self._read(pubsub)
             except (RedisError, OSError, TimeoutError) as exc:
                 self._pubsub = None
@@ -148,12 +204,13 @@ class Multiplexer:
             if entry is None:
                 continue
             if kind == "message":
-                entry.wake()
+                data = message.get("data")
+                entry.wake(data.decode() if isinstance(data, bytes) else str(data))
             elif kind == "subscribe":
                 entry.confirmed.set()
                 # After a reconnect this is the moment news may have been missed: re-read.
                 entry.wake()
-                if not entry.waiters:
+                if entry.idle:
                     await self._drop(channel, entry)  # type: ignore[arg-type]  # str checked above
 
     async def aclose(self) -> None:

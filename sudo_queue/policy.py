@@ -72,7 +72,7 @@ MAX_EXPIRES_IN = 30 * 24 * 3600
 MAX_WHEN_LENGTH = 4096
 _SCOPE = ("args", "agent", "resource", "action", "context")
 _APPROVAL_ONLY = ("approvers", "min_approvals", "expires_in", "channel")
-_TOP_LEVEL_KEYS = ("version", "default", "rules")
+_TOP_LEVEL_KEYS = ("version", "default", "rules", "redact")
 _SECONDS = re.compile(r"[0-9]+")
 _DURATION = re.compile(r"(?:([0-9]+)d)?(?:([0-9]+)h)?(?:([0-9]+)m)?(?:([0-9]+)s)?")
 _DURATION_HINT = 'write whole seconds (90) or a duration such as "30s", "15m", "2h", "1d", "1h30m"'
@@ -371,10 +371,16 @@ def _fail_closed(rule: str, problem: str) -> Evaluation:
 class Policy:
     """A loaded policy. Build one with `Policy.load(path)` or `Policy.from_yaml(text)`."""
 
-    __slots__ = ("_compiled", "_default", "default", "rules", "source", "version")
+    __slots__ = ("_compiled", "_default", "default", "redact_keys", "rules", "source", "version")
 
     def __init__(
-        self, *, source: str, version: str, default: Verdict, rules: Sequence[Rule]
+        self,
+        *,
+        source: str,
+        version: str,
+        default: Verdict,
+        rules: Sequence[Rule],
+        redact_keys: Sequence[str] = (),
     ) -> None:
         names: set[str] = set()
         for rule in rules:
@@ -385,6 +391,8 @@ class Policy:
         self.version = version
         self.default = default
         self.rules = tuple(rules)
+        # Extra key names whose values sudo_queue.redact masks (beyond its built-in ones).
+        self.redact_keys = tuple(redact_keys)
         self._compiled = tuple(_Compiled(rule) for rule in self.rules)
         reason = f"no rule matched; default is {default.value}"
         self._default = Evaluation(decision=default, rule="default", reason=reason)
@@ -482,6 +490,7 @@ class Policy:
             f"policy {self.source}",
             f"version {self.version}",
             f"default {self.default.value}",
+            *([f"redact keys {', '.join(self.redact_keys)}"] if self.redact_keys else []),
             f"{len(self.rules)} rule{'' if len(self.rules) == 1 else 's'}, first match wins:",
         ]
         width = len(str(len(self.rules)))
@@ -621,7 +630,7 @@ def _parse(text: str, *, source: str, raw: bytes) -> Policy:
             maybe = f" (did you mean {close[0]!r}?)" if close else ""
             raise PolicyError(
                 f"{_where(source, _line(keys.get(key)))}: unknown top-level key {key!r}{maybe}; "
-                "the top level has only version, default and rules"
+                "the top level has only version, default, rules and redact"
             )
     if "version" not in data:
         raise PolicyError(f"{source}: `version: 1` is missing; add it as the first line")
@@ -679,4 +688,24 @@ def _parse(text: str, *, source: str, raw: bytes) -> Policy:
         rules.append(rule)
     if problems:
         raise PolicyError("\n".join(problems))
-    return Policy(source=source, version=version, default=Verdict(default_value), rules=rules)
+    return Policy(
+        source=source,
+        version=version,
+        default=Verdict(default_value),
+        rules=rules,
+        redact_keys=_redact_keys(data.get("redact"), source, _line(keys.get("redact"))),
+    )
+
+
+def _redact_keys(value: object, source: str, line: int | None) -> tuple[str, ...]:
+    """`redact: {keys: [...]}`: extra key names whose values are masked wherever args are shown."""
+    if value is None:
+        return ()
+    hint = 'write it as `redact: {keys: ["ssn", "card_number"]}`'
+    where = _where(source, line)
+    if not isinstance(value, dict) or set(value) - {"keys"}:
+        raise PolicyError(f"{where}: `redact` must be a mapping with only `keys`; {hint}")
+    keys = value.get("keys") or []
+    if not isinstance(keys, list) or not all(isinstance(k, str) and k.strip() for k in keys):
+        raise PolicyError(f"{where}: `redact.keys` must be a list of non-empty key names; {hint}")
+    return tuple(dict.fromkeys(k.strip() for k in keys))

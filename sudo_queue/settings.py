@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pydantic import Field
+from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from .constants import DEFAULT_NAMESPACE, DEFAULT_REDIS_URL, DEFAULT_RETENTION_S
@@ -27,5 +27,28 @@ class Settings(BaseSettings):
     )
     max_args_bytes: int = Field(64 * 1024, gt=0, description="largest args accepted, as JSON")
     audit_maxlen: int = Field(0, ge=0, description="audit entries kept (0: all)")
+    audit_key: SecretStr | None = Field(
+        None,
+        description="HMAC key of the audit chain (workers, CLI and Slack app; not agents)",
+    )
+    notify: str = Field(
+        "", description="approval channels the worker notifies, comma-separated (slack)"
+    )
     log_format: str = Field("auto", pattern="^(auto|console|json)$")
     log_level: str = Field("info", pattern="^(debug|info|warning|error)$")
+
+    @field_validator("audit_key")
+    @classmethod
+    def _check_audit_key(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is None or value.get_secret_value() == "":
+            return None  # SUDO_QUEUE_AUDIT_KEY= (empty) means no key
+        if len(value.get_secret_value().encode()) < 16:
+            raise ValueError(
+                "SUDO_QUEUE_AUDIT_KEY is shorter than 16 bytes; generate one with "
+                '`python -c "import secrets; print(secrets.token_hex(32))"`'
+            )
+        return value
+
+    def audit_key_bytes(self) -> bytes | None:
+        """The audit HMAC key as bytes for `Store(audit_key=...)`, or None when unset."""
+        return self.audit_key.get_secret_value().encode() if self.audit_key else None

@@ -11,11 +11,12 @@ import json
 from dataclasses import dataclass
 from enum import StrEnum
 from importlib.resources import files
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 from pydantic import ValidationError
 from redis.exceptions import RedisError
 
+from .audit import hmac_pad_states
 from .constants import (
     ARQ_IN_PROGRESS_PREFIX,
     ARQ_JOB_PREFIX,
@@ -26,7 +27,8 @@ from .constants import (
     Keys,
 )
 from .errors import GateUnavailable
-from .models import RequestRecord, Status, ms_to_datetime
+from .models import RequestRecord, Status, canonical_json, digest, ms_to_datetime
+from .redact import redact, redact_text
 
 if TYPE_CHECKING:
     from collections.abc import Awaitable, Sequence
@@ -95,17 +97,57 @@ class Store:
         namespace: str = DEFAULT_NAMESPACE,
         retention_s: float = DEFAULT_RETENTION_S,
         audit_maxlen: int = 0,
+        audit_key: str | bytes | None = None,
     ) -> None:
+        """`audit_maxlen` > 0 trims the audit stream to that many entries on each write;
+        `audit_key` (SUDO_QUEUE_AUDIT_KEY) makes this store's audit entries HMAC-SHA-256.
+        Agents' Gates get no key: their entries (created, cancelled, expired) are plain SHA-256.
+        """
         self.redis = redis
         self.keys = Keys(namespace)
         self.retention_ms = int(retention_s * 1000)
         self.audit_maxlen = audit_maxlen
+        key = audit_key.encode() if isinstance(audit_key, str) else audit_key
+        self._audit_mac = hmac_pad_states(key) if key else ""
+        # The redaction key patterns the workers published (JSON list, exactly as stored);
+        # learnt from the script whenever they change.
+        self._redact_json = "[]"
+        self._redact_keys: tuple[str, ...] = ()
         self._script: AsyncScript = redis.register_script(_SCRIPT)
 
     def idem_key(self, agent: str, key: str) -> str:
         """The idempotency key of (agent, key); hashed so that ':' in names cannot collide."""
         digest = hashlib.sha256(f"{agent}\n{key}".encode()).hexdigest()[:32]
         return self.keys.idem_prefix + digest
+
+    @property
+    def redact_keys(self) -> tuple[str, ...]:
+        """The extra redaction key patterns from the policy, as last seen in Redis."""
+        return self._redact_keys
+
+    async def refresh_redact_keys(self) -> tuple[str, ...]:
+        """Read the redaction key patterns the policy worker published (for display code)."""
+        pending_read = cast("Awaitable[str | None]", self.redis.hget(self.keys.policy, "redact"))
+        raw = await _guard(pending_read, "read the policy")
+        self._learn_redaction(raw or "[]")
+        return self._redact_keys
+
+    def _learn_redaction(self, published: str) -> None:
+        try:
+            keys = json.loads(published)
+        except ValueError:
+            keys = None
+        if not isinstance(keys, list) or not all(isinstance(k, str) for k in keys):
+            raise GateUnavailable(
+                f"the redaction patterns in {self.keys.policy} are malformed ({published[:80]!r}); "
+                "restart the policy worker to publish them again"
+            )
+        self._redact_json, self._redact_keys = published, tuple(keys)
+
+    def redacted_args(self, args_json: str) -> dict[str, str]:
+        """The audit view of `args_json`: redacted with the current patterns, and its digest."""
+        shown = canonical_json(redact(json.loads(args_json), extra_keys=self._redact_keys))
+        return {"args_redacted": shown, "redacted_digest": digest(shown)}
 
     async def _run(self, op: str, request_id: str, params: dict[str, Any], idem: str = "") -> Any:
         k = self.keys
@@ -117,17 +159,35 @@ class Store:
             k.pending,
             k.queue,
             k.audit,
+            k.audit_head,
+            k.policy,
         ]
-        argv = [
-            op,
-            json.dumps(params, separators=(",", ":")),
-            k.request_prefix,
-            k.channel_prefix,
-            ARQ_JOB_PREFIX,
-            ARQ_IN_PROGRESS_PREFIX,
-            str(self.audit_maxlen),
-        ]
-        return await _guard(self._script(keys=keys, args=argv), f"{op} request {request_id}")
+        if params.get("reason"):
+            params = {**params, "reason": redact_text(params["reason"])}
+        what = f"{op} request {request_id}" if request_id else op
+        for _ in range(3):
+            argv = [
+                op,
+                json.dumps(params, separators=(",", ":")),
+                k.request_prefix,
+                k.channel_prefix,
+                ARQ_JOB_PREFIX,
+                ARQ_IN_PROGRESS_PREFIX,
+                str(self.audit_maxlen),
+                self._audit_mac,
+                self._redact_json,
+            ]
+            reply = await _guard(self._script(keys=keys, args=argv), what)
+            if not (isinstance(reply, list) and reply and reply[0] == "redact"):
+                return reply
+            # The policy's redaction patterns changed: redact again with the current ones.
+            self._learn_redaction(reply[1])
+            args_json = reply[2] if len(reply) > 2 else params["args"]
+            params = {**params, **self.redacted_args(args_json)}
+        raise GateUnavailable(
+            f"could not {what}: the redaction patterns kept changing (policy workers with "
+            "different policies?); nothing was changed, try again"
+        )
 
     # -- transitions ---------------------------------------------------------------------------
 
@@ -142,8 +202,15 @@ class Store:
         args_digest: str,
         context_json: str,
         key: str | None,
+        inbox: str = "",
     ) -> CreateResult:
-        """Create a queued request and enqueue its evaluation, or find the one `key` names."""
+        """Create a queued request and enqueue its evaluation, or find the one `key` names.
+
+        `inbox` (a `Keys.inbox` channel) also gets the request id on every transition of a
+        request created here, so that one subscription serves all of a Gate's waits.
+        """
+        if inbox and not inbox.startswith(self.keys.inbox_prefix):
+            raise ValueError(f"inbox {inbox!r} is not a channel of namespace {self.keys.namespace}")
         idem = self.idem_key(agent, key) if key is not None else ""
         params = {
             "agent": agent,
@@ -154,6 +221,8 @@ class Store:
             "context": context_json,
             "key": key or "",
             "retention_ms": self.retention_ms,
+            "inbox": inbox,
+            **self.redacted_args(args_json),
         }
         reply = await self._run("create", request_id, params, idem)
         if reply[0] == "created":
@@ -233,6 +302,24 @@ class Store:
         params = {"actor": actor, "rule": rule, "reason": reason}
         return _result(await self._run("fail", request_id, params))
 
+    async def publish_policy(
+        self,
+        *,
+        version: str,
+        redact_keys: Sequence[str],
+        source: str,
+        actor: str,
+    ) -> bool:
+        """Publish the policy a worker runs; True (and a `policy_reloaded` entry) if it changed.
+
+        Other processes learn the policy's redaction key patterns from here.
+        """
+        redact_json = json.dumps(list(redact_keys), separators=(",", ":"))
+        params = {"version": version, "redact": redact_json, "source": source, "actor": actor}
+        reply = await self._run("policy", "", params)
+        self._learn_redaction(redact_json)
+        return bool(reply[0] == Outcome.APPLIED)
+
     async def requeue(
         self, request_id: str, *, actor: str = POLICY_ACTOR, max_requeues: int = 3
     ) -> TransitionResult:
@@ -245,15 +332,25 @@ class Store:
 
     # -- reads ---------------------------------------------------------------------------------
 
-    async def get(self, request_id: str) -> RequestRecord | None:
-        """The record, or None if there is none; a malformed record raises GateUnavailable."""
+    async def get(self, request_id: str, *, votes: bool = True) -> RequestRecord | None:
+        """The record, or None if there is none; a malformed record raises GateUnavailable.
+
+        `votes=False` leaves `approvals` empty and reads one key with one command: what a
+        waiter needs for the decision, at the lowest cost.
+        """
+        if not votes:
+            pending_read = cast(
+                "Awaitable[dict[str, str]]", self.redis.hgetall(self.keys.request(request_id))
+            )
+            raw = await _guard(pending_read, f"read request {request_id}")
+            return parse_record(raw) if raw else None
         async with self.redis.pipeline(transaction=False) as pipe:
             pipe.hgetall(self.keys.request(request_id))
             pipe.smembers(self.keys.votes(request_id))
-            raw, votes = await _guard(pipe.execute(), f"read request {request_id}")
+            raw, voters = await _guard(pipe.execute(), f"read request {request_id}")
         if not raw:
             return None
-        return parse_record(raw, votes)
+        return parse_record(raw, voters)
 
     async def open_ids(self, which: Status = Status.PENDING, limit: int = 1000) -> list[str]:
         """Ids of pending (or queued) requests, oldest deadline (or creation) first."""

@@ -4,15 +4,18 @@
 -- Validation happens before the first write: a Lua error after a write keeps that write.
 --
 -- KEYS: 1 request hash, 2 votes set, 3 idempotency key ('' when none), 4 queued zset,
---       5 pending zset, 6 arq queue zset, 7 audit stream
+--       5 pending zset, 6 arq queue zset, 7 audit stream, 8 audit head hash, 9 policy hash
 -- ARGV: 1 operation, 2 JSON parameters, 3 request-key prefix, 4 channel prefix,
---       5 arq job-key prefix, 6 arq in-progress-key prefix, 7 audit max length ('0' = unbounded)
+--       5 arq job-key prefix, 6 arq in-progress-key prefix, 7 audit max length ('0' = unbounded),
+--       8 audit HMAC pad states ('' = plain SHA-256), 9 the redaction key patterns (JSON list)
+--       the caller redacted with
 local op = ARGV[1]
 local p = cjson.decode(ARGV[2])
 local req_prefix, chan_prefix, job_prefix, progress_prefix = ARGV[3], ARGV[4], ARGV[5], ARGV[6]
 local audit_maxlen = tonumber(ARGV[7])
-local req, votes, idem, queued, pending, queue, audit_key =
-  KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6], KEYS[7]
+local audit_mac, redact_used = ARGV[8] or '', ARGV[9] or '[]'
+local req, votes, idem, queued, pending, queue, audit_key, head_key, policy_key =
+  KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6], KEYS[7], KEYS[8], KEYS[9]
 
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
@@ -20,7 +23,8 @@ local id = string.sub(req, #req_prefix + 1)
 local DAY_MS = 86400000
 
 local FIELDS = {'status', 'agent', 'resource', 'action', 'args_digest', 'expires_at',
-  'min_approvals', 'notify', 'retention_ms', 'idem', 'rule', 'policy_version', 'args', 'context'}
+  'min_approvals', 'notify', 'retention_ms', 'idem', 'rule', 'policy_version', 'args', 'context',
+  'args_redacted', 'redacted_digest', 'redact', 'inbox'}
 
 local function load()
   local values = redis.call('HMGET', req, unpack(FIELDS))
@@ -39,13 +43,12 @@ local function enqueue(job_queue, job_id, fn, args, score)
     .. ',"k":{},"et":' .. string.format('%d', now) .. '}'
   redis.call('SET', job_key, payload, 'PX', math.max(score - now, 0) + DAY_MS)
   redis.call('ZADD', job_queue, score, job_id)
-  if score <= now then
-    -- Wake a worker blocked on BLPOP instead of letting it sleep through its poll delay.
-    -- Bounded: a token only means "look at the queue now", so more than a few are noise.
-    local wake = job_queue .. ':wake'
-    redis.call('LPUSH', wake, '1')
-    redis.call('LTRIM', wake, 0, 15)
-  end
+  -- Wake a worker blocked on BLPOP instead of letting it sleep through its poll delay; for a
+  -- deferred job (an expiry) the worker learns when it is due and blocks until then.
+  -- Bounded: a token only means "look at the queue now", so more than a few are noise.
+  local wake = job_queue .. ':wake'
+  redis.call('LPUSH', wake, '1')
+  redis.call('LTRIM', wake, 0, 15)
 end
 
 local function eval_job(rec)
@@ -53,16 +56,200 @@ local function eval_job(rec)
     {id, rec.agent, rec.resource, rec.action, rec.args, rec.context, rec.args_digest}, now)
 end
 
-local function audit(rec, event, status, actor, reason)
-  local entry = {'event', event, 'request_id', id, 'agent', rec.agent, 'resource', rec.resource,
-    'action', rec.action, 'args_digest', rec.args_digest, 'status', status, 'rule', rec.rule,
-    'policy_version', rec.policy_version, 'actor', actor or '', 'reason', reason or '',
-    'time', tostring(now)}
-  if audit_maxlen > 0 then
-    redis.call('XADD', audit_key, 'MAXLEN', '~', audit_maxlen, '*', unpack(entry))
+-- The audit chain (sudo_queue/audit.py verifies it). Each entry's hash is
+--   hash_n = H(hash_{n-1} .. canonical(entry_n))
+-- with H = SHA-256, or HMAC-SHA-256 when the caller holds SUDO_QUEUE_AUDIT_KEY, and
+-- canonical(entry) the netstrings ('<byte length>:<value>,') of the CANON fields in this order.
+-- It is computed here, inside the transition, so that the entry and the transition are one
+-- atomic step and concurrent writers from any number of processes extend one chain.
+local CANON = {'v', 'seq', 'event', 'request_id', 'agent', 'resource', 'action', 'args_digest',
+  'redacted_digest', 'status', 'rule', 'policy_version', 'actor', 'reason', 'time', 'alg'}
+local GENESIS = string.rep('0', 64)
+local AUDIT_REASON_MAX = 1024
+-- At most this many old entries are trimmed per transition, so lowering the max length of a
+-- long stream never blocks Redis for long; the stream converges over the next transitions.
+local TRIM_BATCH = 100
+
+-- [sha256 begin] (tests/test_audit.py runs this block on its own against hashlib and hmac)
+-- SHA-256 (FIPS 180-4) in pure Lua 5.1: Redis's Lua has no SHA-2. Real Redis has the `bit`
+-- library (LuaBitOp: it reduces any input mod 2^32 and returns signed 32-bit results); where it
+-- is missing (fakeredis's Lua) the same operations are done arithmetically on 0 <= x < 2^32.
+local sha256_from
+do
+  local K = {
+    0x428a2f98, 0x71374491, 0xb5c0fbcf, 0xe9b5dba5, 0x3956c25b, 0x59f111f1, 0x923f82a4, 0xab1c5ed5,
+    0xd807aa98, 0x12835b01, 0x243185be, 0x550c7dc3, 0x72be5d74, 0x80deb1fe, 0x9bdc06a7, 0xc19bf174,
+    0xe49b69c1, 0xefbe4786, 0x0fc19dc6, 0x240ca1cc, 0x2de92c6f, 0x4a7484aa, 0x5cb0a9dc, 0x76f988da,
+    0x983e5152, 0xa831c66d, 0xb00327c8, 0xbf597fc7, 0xc6e00bf3, 0xd5a79147, 0x06ca6351, 0x14292967,
+    0x27b70a85, 0x2e1b2138, 0x4d2c6dfc, 0x53380d13, 0x650a7354, 0x766a0abb, 0x81c2c92e, 0x92722c85,
+    0xa2bfe8a1, 0xa81a664b, 0xc24b8b70, 0xc76c51a3, 0xd192e819, 0xd6990624, 0xf40e3585, 0x106aa070,
+    0x19a4c116, 0x1e376c08, 0x2748774c, 0x34b0bcb5, 0x391c0cb3, 0x4ed8aa4a, 0x5b9cca4f, 0x682e6ff3,
+    0x748f82ee, 0x78a5636f, 0x84c87814, 0x8cc70208, 0x90befffa, 0xa4506ceb, 0xbef9a3f7, 0xc67178f2}
+  local M32 = 4294967296
+  local band, bxor, rshift, ror
+  if type(bit) == 'table' then
+    band, bxor, rshift, ror = bit.band, bit.bxor, bit.rshift, bit.ror
   else
-    redis.call('XADD', audit_key, '*', unpack(entry))
+    local NX = {}  -- NX[a * 16 + b] = a xor b, for 4-bit a and b
+    for a = 0, 15 do
+      for b = 0, 15 do
+        local r, q, x, y = 0, 1, a, b
+        for _ = 1, 4 do
+          if x % 2 ~= y % 2 then r = r + q end
+          x, y, q = (x - x % 2) / 2, (y - y % 2) / 2, q * 2
+        end
+        NX[a * 16 + b] = r
+      end
+    end
+    local function xor2(a, b)
+      local r, q = 0, 1
+      for _ = 1, 8 do
+        local x, y = a % 16, b % 16
+        r = r + NX[x * 16 + y] * q
+        a, b, q = (a - x) / 16, (b - y) / 16, q * 16
+      end
+      return r
+    end
+    bxor = function(a, b, c)
+      if c then return xor2(xor2(a, b), c) end
+      return xor2(a, b)
+    end
+    band = function(a, b) return (a + b - xor2(a, b)) / 2 end  -- a + b = (a xor b) + 2(a and b)
+    rshift = function(x, n) return (x - x % 2 ^ n) / 2 ^ n end
+    ror = function(x, n)
+      local low = x % 2 ^ n
+      return low * 2 ^ (32 - n) + (x - low) / 2 ^ n
+    end
   end
+
+  local function compress(H, s, pos, W)
+    for j = 1, 16 do
+      local a, b, c, d = string.byte(s, pos, pos + 3)
+      W[j] = ((a * 256 + b) * 256 + c) * 256 + d
+      pos = pos + 4
+    end
+    for j = 17, 64 do
+      local w15, w2 = W[j - 15], W[j - 2]
+      W[j] = (W[j - 16] + bxor(ror(bxor(w15, ror(w15, 11)), 7), rshift(w15, 3)) + W[j - 7]
+        + bxor(ror(bxor(w2, ror(w2, 2)), 17), rshift(w2, 10))) % M32
+    end
+    local a, b, c, d, e, f, g, h = H[1], H[2], H[3], H[4], H[5], H[6], H[7], H[8]
+    for j = 1, 64 do
+      -- Sigma1(e) = ror(e xor ror(e, 5) xor ror(e, 19), 6): one call fewer than the textbook
+      -- form; Ch(e,f,g) = g xor (e and (f xor g)); Maj(a,b,c) = (a and b) + (c and (a xor b)).
+      local t1 = h + ror(bxor(e, ror(e, 5), ror(e, 19)), 6) + bxor(g, band(e, bxor(f, g)))
+        + K[j] + W[j]
+      local t2 = ror(bxor(a, ror(a, 11), ror(a, 20)), 2) + band(a, b) + band(c, bxor(a, b))
+      h, g, f, e = g, f, e, (d + t1) % M32
+      d, c, b, a = c, b, a, (t1 + t2) % M32
+    end
+    H[1], H[2], H[3], H[4] = (H[1] + a) % M32, (H[2] + b) % M32, (H[3] + c) % M32, (H[4] + d) % M32
+    H[5], H[6], H[7], H[8] = (H[5] + e) % M32, (H[6] + f) % M32, (H[7] + g) % M32, (H[8] + h) % M32
+  end
+
+  -- The SHA-256 of `msg` continued from the state `init` after `done` bytes (0 and the initial
+  -- state for plain SHA-256; 64 and a key's pad state for HMAC), as 64 hex digits.
+  sha256_from = function(init, done, msg)
+    local H = {init[1], init[2], init[3], init[4], init[5], init[6], init[7], init[8]}
+    local bits = (#msg + done) * 8
+    local zeros = (55 - #msg) % 64
+    local len = {}
+    for j = 8, 1, -1 do
+      local byte = bits % 256
+      len[j] = string.char(byte)
+      bits = (bits - byte) / 256
+    end
+    local s = msg .. '\128' .. string.rep('\0', zeros) .. table.concat(len)
+    local W = {}
+    for pos = 1, #s, 64 do compress(H, s, pos, W) end
+    local out = {}
+    for j = 1, 8 do out[j] = string.format('%08x', H[j] % M32) end
+    return table.concat(out)
+  end
+end
+
+local SHA256_INIT = {0x6a09e667, 0xbb67ae85, 0x3c6ef372, 0xa54ff53a, 0x510e527f, 0x9b05688c,
+  0x1f83d9ab, 0x5be0cd19}
+
+local function hex_words(hex)
+  local w = {}
+  for j = 1, 8 do w[j] = tonumber(string.sub(hex, j * 8 - 7, j * 8), 16) end
+  return w
+end
+
+-- SHA-256, or HMAC-SHA-256 when the caller passed the key's pad states: the states after
+-- hashing (key xor ipad) and (key xor opad), 128 hex digits, so the key itself never reaches
+-- Redis and each entry saves two compressions.
+local function chain_hash(msg)
+  if audit_mac == '' then return sha256_from(SHA256_INIT, 0, msg) end
+  local inner = sha256_from(hex_words(string.sub(audit_mac, 1, 64)), 64, msg)
+  local raw = string.gsub(inner, '..', function(h) return string.char(tonumber(h, 16)) end)
+  return sha256_from(hex_words(string.sub(audit_mac, 65, 128)), 64, raw)
+end
+-- [sha256 end]
+
+local function clip(s, n)  -- at most n bytes, never splitting a UTF-8 sequence
+  if #s <= n then return s end
+  local cut = n
+  while cut > 0 do
+    local b = string.byte(s, cut + 1)
+    if b < 128 or b >= 192 then break end  -- byte cut + 1 starts a character
+    cut = cut - 1
+  end
+  return string.sub(s, 1, cut) .. '...'
+end
+
+local function trim_audit()
+  if audit_maxlen <= 0 then return end
+  local excess = redis.call('XLEN', audit_key) - audit_maxlen
+  if excess <= 0 then return end
+  local old = redis.call('XRANGE', audit_key, '-', '+', 'COUNT', math.min(excess, TRIM_BATCH))
+  local last = old[#old]
+  local anchor = {anchor_id = last[1], anchor_hash = '', anchor_count = ''}
+  for i = 1, #last[2], 2 do
+    local name = last[2][i]
+    if name == 'hash' then anchor.anchor_hash = last[2][i + 1] end
+    if name == 'seq' then anchor.anchor_count = last[2][i + 1] end
+  end
+  -- The anchor is the hash and position of the last trimmed entry: `verify` starts from it.
+  redis.call('HSET', head_key, 'anchor_hash', anchor.anchor_hash,
+    'anchor_count', anchor.anchor_count, 'anchor_id', anchor.anchor_id)
+  local ms, n = string.match(last[1], '^(%d+)-(%d+)$')
+  redis.call('XTRIM', audit_key, 'MINID', ms .. '-' .. string.format('%d', tonumber(n) + 1))
+end
+
+-- Append one entry (a table of CANON values plus `args`) to the chain.
+local function append_entry(e)
+  local head = redis.call('HMGET', head_key, 'hash', 'count')
+  local prev = head[1] or GENESIS
+  local seq = (tonumber(head[2]) or 0) + 1
+  e.v, e.seq, e.time = '1', string.format('%d', seq), string.format('%d', now)
+  e.alg = audit_mac == '' and 'sha256' or 'hmac-sha256'
+  e.reason = clip(e.reason or '', AUDIT_REASON_MAX)
+  local parts, fields = {}, {}
+  for i, name in ipairs(CANON) do
+    local value = e[name] or ''
+    parts[i] = #value .. ':' .. value .. ','
+    fields[#fields + 1] = name
+    fields[#fields + 1] = value
+  end
+  local hash = chain_hash(prev .. table.concat(parts))
+  fields[#fields + 1] = 'args'
+  fields[#fields + 1] = e.args or ''
+  fields[#fields + 1] = 'prev'
+  fields[#fields + 1] = prev
+  fields[#fields + 1] = 'hash'
+  fields[#fields + 1] = hash
+  redis.call('XADD', audit_key, '*', unpack(fields))
+  redis.call('HSET', head_key, 'hash', hash, 'count', seq)
+  trim_audit()
+end
+
+local function audit(rec, event, status, actor, reason)
+  append_entry({event = event, request_id = id, agent = rec.agent, resource = rec.resource,
+    action = rec.action, args_digest = rec.args_digest, redacted_digest = rec.redacted_digest,
+    args = rec.args_redacted, status = status, rule = rec.rule,
+    policy_version = rec.policy_version, actor = actor or '', reason = reason or ''})
 end
 
 local function notify(rec, status)
@@ -71,6 +258,13 @@ local function notify(rec, status)
     enqueue(target[1], 'sq-notify:' .. target[2] .. ':' .. id .. ':' .. status, target[2],
       {id, status}, now)
   end
+end
+
+-- The wake-up: on the request's channel (anyone waiting for it) and, if the Gate that created it
+-- gave one, on that Gate's inbox, where the request id routes it to the waiting coroutine.
+local function wake_up(rec, status)
+  redis.call('PUBLISH', chan_prefix .. id, status)
+  if rec.inbox ~= '' then redis.call('PUBLISH', rec.inbox, id) end
 end
 
 local function finish(rec, status, actor, reason)
@@ -89,12 +283,33 @@ local function finish(rec, status, actor, reason)
   end
   notify(rec, status)
   audit(rec, status, status, actor, reason)
-  redis.call('PUBLISH', chan_prefix .. id, status)
+  wake_up(rec, status)
   return {'applied', status}
 end
 
 local function expire_now(rec)
   return finish(rec, 'expired', 'sudo-queue', 'no decision before the deadline')
+end
+
+-- Redaction key patterns come from the policy file, which only the workers read; they publish
+-- them in the policy hash. A caller that redacted with other patterns is told the current ones
+-- (and, for an existing request, its args) and calls again, so every entry is redacted with the
+-- patterns in force when it is written, whichever process writes it.
+local published_redact = redis.call('HGET', policy_key, 'redact') or '[]'
+
+if op == 'policy' then
+  -- A worker's policy: publish its version and redaction patterns; an entry when they change.
+  local current = redis.call('HMGET', policy_key, 'version', 'redact')
+  if current[1] == p.version and published_redact == p.redact then
+    return {'refused', 'unchanged'}
+  end
+  redis.call('HSET', policy_key, 'version', p.version, 'redact', p.redact, 'source', p.source,
+    'updated_at', now, 'updated_by', p.actor)
+  local reason = 'policy ' .. p.version .. ' from ' .. p.source .. ' replaces '
+    .. (current[1] or 'none') .. '; redacted keys: ' .. p.redact
+  append_entry({event = 'policy_reloaded', policy_version = p.version, actor = p.actor,
+    reason = reason})
+  return {'applied', 'policy', current[1] or ''}
 end
 
 if op == 'create' then
@@ -107,9 +322,12 @@ if op == 'create' then
     end
   end
   if redis.call('EXISTS', req) == 1 then return {'refused', 'exists'} end
+  if redact_used ~= published_redact then return {'redact', published_redact} end
   redis.call('HSET', req, 'id', id, 'agent', p.agent, 'resource', p.resource, 'action', p.action,
     'args', p.args, 'args_digest', p.digest, 'key', p.key, 'context', p.context,
-    'status', 'queued', 'created_at', now, 'retention_ms', p.retention_ms, 'idem', idem)
+    'status', 'queued', 'created_at', now, 'retention_ms', p.retention_ms, 'idem', idem,
+    'args_redacted', p.args_redacted, 'redacted_digest', p.redacted_digest,
+    'redact', redact_used, 'inbox', p.inbox or '')
   if idem ~= '' then redis.call('SET', idem, id) end
   redis.call('ZADD', queued, now, id)
   local rec = load()
@@ -120,6 +338,16 @@ end
 
 local rec = load()
 if not rec then return {'missing'} end
+
+if (rec.status == 'queued' or rec.status == 'pending') and rec.redact ~= published_redact then
+  -- This request's stored redaction is stale (the patterns changed since it was created).
+  if redact_used ~= published_redact or not p.redacted_digest then
+    return {'redact', published_redact, rec.args}
+  end
+  redis.call('HSET', req, 'args_redacted', p.args_redacted, 'redacted_digest', p.redacted_digest,
+    'redact', redact_used)
+  rec.args_redacted, rec.redacted_digest = p.args_redacted, p.redacted_digest
+end
 
 if op == 'decide' then
   if rec.status ~= 'queued' then return {'refused', rec.status} end
@@ -139,7 +367,7 @@ if op == 'decide' then
   enqueue(queue, 'sq-expire:' .. id, 'expire', {id}, deadline)
   notify(rec, 'pending')
   audit(rec, 'pending', 'pending', p.actor, p.reason)
-  redis.call('PUBLISH', chan_prefix .. id, 'pending')
+  wake_up(rec, 'pending')
   return {'applied', 'pending'}
 end
 
@@ -203,7 +431,7 @@ if op == 'approve' then
   if count >= tonumber(rec.min_approvals) then
     return finish(rec, 'approved', p.actor, p.reason)
   end
-  redis.call('PUBLISH', chan_prefix .. id, 'pending')
+  wake_up(rec, 'pending')
   return {'voted', tostring(count), rec.min_approvals}
 end
 

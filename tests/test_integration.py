@@ -285,3 +285,12 @@ def test_worker_stops_cleanly_on_sigterm(redis_url: str, tmp_path: Path) -> None
     worker = start_worker(redis_url, log_path=tmp_path / "w.log")
     time.sleep(1.5)
     assert stop_process(worker, signal.SIGTERM) == 0
+
+
+@pytest.mark.usefixtures("worker")
+async def test_staggered_concurrent_requests_all_resume(gate: Gate) -> None:
+    """200 concurrent requests arriving while the pub/sub connection opens all get their answer."""
+    decisions = await asyncio.gather(
+        *(gate.request("stripe", "charge", {"amount": 1 + i % 40}, timeout=20) for i in range(200))
+    )
+    assert [d.status for d in decisions] == [Status.ALLOWED] * 200

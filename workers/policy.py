@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import socket
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypedDict
@@ -17,6 +18,7 @@ from typing import Any, TypedDict
 import structlog
 from arq import Retry, cron
 from arq.connections import RedisSettings
+from pydantic import SecretStr
 from redis.asyncio import Redis
 
 from sudo_queue.constants import DEFAULT_NAMESPACE, POLICY_ACTOR
@@ -51,6 +53,8 @@ class PolicyHolder:
         self.path = path
         self.current = Policy.load(path)  # a bad file at start stops the worker: PolicyError
         self._mtime = self._stat()
+        # (version, redaction keys) last published to Redis (see publish_policy).
+        self.published: tuple[str, tuple[str, ...]] | None = None
 
     def _stat(self) -> float:
         try:
@@ -98,6 +102,9 @@ class WorkerConfig:
     max_jobs: int = 100
     poll_delay_s: float = 0.5
     extra: dict[str, Any] = field(default_factory=dict)
+    # SUDO_QUEUE_AUDIT_KEY (HMAC of the audit chain) and SUDO_QUEUE_AUDIT_MAXLEN (0: keep all).
+    audit_key: SecretStr | None = None
+    audit_maxlen: int = 0
 
 
 class WorkerContext(TypedDict, total=False):
@@ -126,6 +133,7 @@ async def evaluate(
     store, config = ctx["store"], ctx["config"]
     bound = log.bind(request_id=request_id, agent=agent, resource=resource, action=action)
     policy = ctx["policy"].current
+    await publish_policy(ctx)
     job_try = ctx.get("job_try", 1)
     if job_try >= MAX_TRIES:
         # Every earlier try died without an answer (a crash, or Redis trouble): evaluating again
@@ -199,6 +207,33 @@ async def _retry_or_give_up(ctx: WorkerContext, request_id: str, exc: Exception)
     raise exc
 
 
+async def publish_policy(ctx: WorkerContext) -> None:
+    """Publish the policy in force (version, redaction keys) once per change.
+
+    Redis then holds the redaction key patterns for every process that writes audit entries, and
+    the audit log gets a `policy_reloaded` entry when the published policy changes. Redis trouble
+    only postpones this to the next job or sweep.
+    """
+    holder = ctx["policy"]
+    policy = holder.current
+    mark = (policy.version, policy.redact_keys)
+    if holder.published == mark:
+        return
+    try:
+        changed = await ctx["store"].publish_policy(
+            version=policy.version,
+            redact_keys=policy.redact_keys,
+            source=str(holder.path),
+            actor=f"worker:{socket.gethostname()}:{os.getpid()}",
+        )
+    except GateUnavailable as exc:
+        log.warning("policy_publish_failed", version=policy.version, error=str(exc))
+        return
+    holder.published = mark
+    if changed:
+        log.info("policy_published", version=policy.version, path=str(holder.path))
+
+
 async def expire(ctx: WorkerContext, request_id: str) -> str:
     """Expire a pending request at its deadline (measured on the Redis server's clock)."""
     result = await ctx["store"].expire(request_id)
@@ -213,6 +248,7 @@ async def sweep(ctx: WorkerContext) -> dict[str, int]:
     """Backstop for lost jobs: expire overdue requests, re-enqueue queued ones without a job."""
     store = ctx["store"]
     ctx["policy"].reload(only_if_changed=True)
+    await publish_policy(ctx)
     expired = requeued = 0
     for request_id in await store.due_ids(Status.PENDING):
         if (await store.expire(request_id)).outcome is Outcome.APPLIED:
@@ -226,15 +262,24 @@ async def sweep(ctx: WorkerContext) -> dict[str, int]:
     return {"expired": expired, "requeued": requeued}
 
 
-def _make_startup(config: WorkerConfig, holder: PolicyHolder) -> Any:
+def _make_startup(config: WorkerConfig, holder: PolicyHolder, shared: Redis | None = None) -> Any:
     async def startup(ctx: WorkerContext) -> None:
-        redis = Redis.from_url(
-            config.redis_url, decode_responses=True, socket_connect_timeout=5, socket_timeout=10
+        if shared is not None:
+            redis = shared  # the caller's client (an in-process Redis has no URL); not closed here
+        else:
+            redis = Redis.from_url(
+                config.redis_url, decode_responses=True, socket_connect_timeout=5, socket_timeout=10
+            )
+            ctx["own_redis"] = redis
+        ctx["store"] = Store(
+            redis,
+            namespace=config.namespace,
+            audit_key=config.audit_key.get_secret_value() if config.audit_key else None,
+            audit_maxlen=config.audit_maxlen,
         )
-        ctx["own_redis"] = redis
-        ctx["store"] = Store(redis, namespace=config.namespace)
         ctx["policy"] = holder
         ctx["config"] = config
+        await publish_policy(ctx)
 
     return startup
 
@@ -245,17 +290,32 @@ async def shutdown(ctx: WorkerContext) -> None:
         await redis.aclose()
 
 
-def worker_kwargs(config: WorkerConfig, holder: PolicyHolder) -> dict[str, Any]:
-    """The arq Worker arguments: the one place that wires the job functions."""
+def worker_kwargs(
+    config: WorkerConfig, holder: PolicyHolder, *, redis: Redis | None = None
+) -> dict[str, Any]:
+    """The arq Worker arguments: the one place that wires the job functions.
+
+    `redis` (decode_responses=True) is used by the jobs instead of a client of their own on
+    `config.redis_url`: `sudo_queue.embedded` runs the worker on an in-process Redis that way.
+    """
     return {
         "functions": [evaluate, expire],
         "cron_jobs": [
-            # arq types ctx as a plain dict; ours is a TypedDict of the same dict.
-            cron(sweep, second=SWEEP_SECONDS, unique=True, timeout=JOB_TIMEOUT_S)  # type: ignore[arg-type]
+            # arq types ctx as a plain dict; ours is a TypedDict of the same dict. The name is
+            # per namespace: arq's job keys are not, and a unique cron job's id is its name and
+            # tick, so with the default name ("cron:sweep") the workers of two namespaces on one
+            # Redis would each skip the ticks the other enqueued first.
+            cron(
+                sweep,  # type: ignore[arg-type]
+                name=f"{config.namespace}:sweep",
+                second=SWEEP_SECONDS,
+                unique=True,
+                timeout=JOB_TIMEOUT_S,
+            )
         ],
         "queue_name": f"{config.namespace}:queue",
         "redis_settings": RedisSettings.from_dsn(config.redis_url),
-        "on_startup": _make_startup(config, holder),
+        "on_startup": _make_startup(config, holder, redis),
         "on_shutdown": shutdown,
         "job_serializer": json_dumps,
         "job_deserializer": json_loads,

@@ -1,0 +1,146 @@
+"""One pub/sub connection per process: keyed waiters on a shared channel, a Gate's inbox."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+
+import pytest
+import pytest_asyncio
+from redis.asyncio import Redis
+
+from sudo_queue import Gate, Status
+from sudo_queue.multiplexer import Multiplexer
+from sudo_queue.store import Store
+
+
+@pytest_asyncio.fixture
+async def mux(fake_redis: Redis) -> AsyncIterator[Multiplexer]:
+    multiplexer = Multiplexer(fake_redis)
+    yield multiplexer
+    await multiplexer.aclose()
+
+
+async def park(store: Store) -> list[str]:
+    """Stand-in for the policy worker: turn every queued request pending; return their ids."""
+    ids = await store.open_ids(Status.QUEUED)
+    for record in await store.records(ids):
+        await store.decide(
+            record.id,
+            status=Status.PENDING,
+            agent=record.agent,
+            resource=record.resource,
+            action=record.action,
+            args_digest=record.args_digest,
+            rule="r",
+            reason="needs a human",
+            policy_version="v",
+            actor="policy",
+            expires_in_s=60,
+        )
+    return ids
+
+
+async def test_keyed_waiters_wake_only_for_their_key(mux: Multiplexer, fake_redis: Redis) -> None:
+    """Two waiters share a channel; a message carrying one key wakes that waiter only."""
+    async with (
+        mux.listen("sq:inbox:x", key="a") as wake_a,
+        mux.listen("sq:inbox:x", key="b") as wake_b,
+    ):
+        await fake_redis.publish("sq:inbox:x", "a")
+        async with asyncio.timeout(2):
+            await wake_a.wait()
+        assert not wake_b.is_set()
+        await fake_redis.publish("sq:inbox:x", "b")
+        async with asyncio.timeout(2):
+            await wake_b.wait()
+    assert mux.channel_count == 0
+
+
+async def test_kept_channel_outlives_its_waiters(mux: Multiplexer, fake_redis: Redis) -> None:
+    """A kept channel is confirmed in the background and stays subscribed between waits."""
+    assert await mux.keep("sq:inbox:y") is False  # subscribing has only started
+    async with mux.listen("sq:inbox:y", key="r1") as wake:
+        assert await mux.keep("sq:inbox:y") is True
+        await fake_redis.publish("sq:inbox:y", "r1")
+        async with asyncio.timeout(2):
+            await wake.wait()
+    assert mux.channel_count == 1
+    assert await fake_redis.pubsub_numsub("sq:inbox:y") == [("sq:inbox:y", 1)]
+
+
+async def test_waiting_requests_share_one_subscription(fake_redis: Redis, store: Store) -> None:
+    """20 requests waiting in one Gate hold one subscription (its inbox) and all resume."""
+
+    async def approve_all(expected: int) -> None:
+        ids: list[str] = []
+        async with asyncio.timeout(5):
+            while len(ids) < expected:
+                ids += await park(store)
+                await asyncio.sleep(0.01)
+        if expected > 1:
+            assert await fake_redis.pubsub_channels() == [gate._inbox]
+        for request_id in ids:
+            await store.approve(request_id, actor="alice")
+
+    async with Gate(fake_redis, agent="billing-bot") as gate:
+        # The first request starts the inbox subscription (and waits on its own channel).
+        first = asyncio.create_task(gate.request("stripe", "charge", {"n": -1}, timeout=10))
+        await approve_all(1)
+        assert (await first).status is Status.APPROVED
+        waiters = [
+            asyncio.create_task(gate.request("stripe", "charge", {"n": n}, timeout=10))
+            for n in range(20)
+        ]
+        await approve_all(20)
+        decisions = await asyncio.gather(*waiters)
+    assert {d.status for d in decisions} == {Status.APPROVED}
+
+
+async def test_reattached_request_is_woken_on_its_own_channel(
+    fake_redis: Redis, store: Store
+) -> None:
+    """A request re-attached by key from another Gate (another inbox) still resumes."""
+    async with (
+        Gate(fake_redis, agent="billing-bot") as creator,
+        Gate(fake_redis, agent="billing-bot") as restarted,
+    ):
+        await creator._mux.keep(creator._inbox)
+        await restarted._mux.keep(restarted._inbox)
+        await asyncio.sleep(0.1)  # both inboxes confirmed: request() takes the inbox path
+        original = asyncio.create_task(
+            creator.request("stripe", "charge", {"amount": 5000}, key="order-1", timeout=10)
+        )
+        ids: list[str] = []
+        async with asyncio.timeout(5):
+            while not ids:
+                await asyncio.sleep(0.01)
+                ids = await park(store)
+        again = asyncio.create_task(
+            restarted.request("stripe", "charge", {"amount": 5000}, key="order-1", timeout=10)
+        )
+        await asyncio.sleep(0.1)
+        await store.approve(ids[0], actor="alice")
+        decisions = await asyncio.gather(original, again)
+    assert [d.request_id for d in decisions] == [ids[0], ids[0]]
+    assert {d.status for d in decisions} == {Status.APPROVED}
+
+
+@pytest.mark.redis_server
+async def test_reconnect_wakes_every_keyed_waiter(real_redis: Redis) -> None:
+    """A killed pub/sub connection comes back and wakes every waiter of the inbox to re-read."""
+    mux = Multiplexer(real_redis)
+    try:
+        async with (
+            mux.listen("sq:inbox:z", key="a") as wake_a,
+            mux.listen("sq:inbox:z", key="b") as wake_b,
+        ):
+            wake_a.clear()
+            wake_b.clear()
+            await real_redis.client_kill_filter(_type="pubsub")
+            async with asyncio.timeout(5):
+                await wake_a.wait()
+                await wake_b.wait()
+        assert mux.reconnects >= 1
+    finally:
+        await mux.aclose()

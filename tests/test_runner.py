@@ -1,0 +1,234 @@
+"""The event-driven worker on a private redis-server: woken by the enqueue, each job claimed once.
+
+`poll_delay` is 30 s in these tests, longer than any of their timeouts: whatever runs, runs
+because a wake-up token (or a known due time) woke the worker, not because it polled.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import signal
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import pytest
+from arq import Retry
+from arq.connections import ArqRedis, RedisSettings, create_pool
+from arq.worker import func
+
+from sudo_queue.workers.runner import WakeableWorker, json_dumps, json_loads
+
+pytestmark = pytest.mark.redis_server
+
+POLL_S = 30
+
+
+@contextlib.asynccontextmanager
+async def running(
+    pool: ArqRedis, functions: list[Callable[..., Awaitable[Any]]], name: str = "w", **kwargs: Any
+) -> AsyncIterator[WakeableWorker]:
+    """A WakeableWorker on the pool's queue, running in this event loop until the block ends."""
+    worker = WakeableWorker(
+        functions=[func(f, name=f.__name__) for f in functions],
+        queue_name=pool.default_queue_name,
+        redis_settings=RedisSettings(
+            host=pool.connection_pool.connection_kwargs["host"],
+            port=pool.connection_pool.connection_kwargs["port"],
+        ),
+        poll_delay=POLL_S,
+        handle_signals=False,
+        keep_result=0,
+        job_serializer=json_dumps,
+        job_deserializer=json_loads,
+        ctx={"name": name},
+        **kwargs,
+    )
+    task = asyncio.create_task(worker.main())
+    try:
+        yield worker
+    finally:
+        # Jobs that are still finishing (arq's bookkeeping after the job function) end first.
+        async with asyncio.timeout(5):
+            await asyncio.gather(*worker.tasks.values(), return_exceptions=True)
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        await worker.close()
+
+
+@pytest.fixture
+async def pool(redis_url: str) -> AsyncIterator[ArqRedis]:
+    """An arq pool on a queue of this test's own (no worker of another test can hold it)."""
+    arq_pool = await create_pool(
+        RedisSettings.from_dsn(redis_url),
+        job_serializer=json_dumps,
+        job_deserializer=json_loads,
+        default_queue_name=f"t{uuid.uuid4().hex[:8]}:queue",
+    )
+    yield arq_pool
+    await arq_pool.aclose()
+
+
+def wake_key(pool: ArqRedis) -> str:
+    return f"{pool.default_queue_name}:wake"
+
+
+async def blocked_workers(pool: ArqRedis, count: int) -> None:
+    """Wait until `count` workers are blocked on the wake-up list (idle, past their first claim)."""
+    async with asyncio.timeout(5):
+        while True:
+            clients = await pool.client_list()
+            blocked = [c for c in clients if c.get("cmd") == "blpop" and "b" in c.get("flags", "")]
+            if len(blocked) >= count:
+                return
+            await asyncio.sleep(0.01)
+
+
+async def enqueue(pool: ArqRedis, function: str, *args: Any, token: bool = True) -> None:
+    """Enqueue as the store does: the arq job, then a wake-up token (unless told otherwise)."""
+    await pool.enqueue_job(function, *args)
+    if token:
+        await pool.lpush(wake_key(pool), "1")
+
+
+async def test_idle_worker_is_woken_by_the_token(pool: ArqRedis) -> None:
+    """A job enqueued while the worker blocks runs at once, long before its next poll."""
+    ran = asyncio.Event()
+
+    async def job(ctx: dict[str, Any]) -> None:
+        ran.set()
+
+    async with running(pool, [job]):
+        await blocked_workers(pool, 1)
+        await enqueue(pool, "job")
+        async with asyncio.timeout(5):
+            await ran.wait()
+
+
+async def test_deferred_job_runs_when_due(pool: ArqRedis) -> None:
+    """A job deferred by 0.3 s runs when due: the token tells the worker how long to block."""
+    ran = asyncio.Event()
+
+    async def later(ctx: dict[str, Any]) -> None:
+        ran.set()
+
+    async with running(pool, [later]):
+        await blocked_workers(pool, 1)
+        await pool.enqueue_job("later", _defer_by=0.3)
+        await pool.lpush(wake_key(pool), "1")
+        async with asyncio.timeout(5):
+            await ran.wait()
+    assert await pool.zcard(pool.default_queue_name) == 0
+
+
+async def test_retry_is_deferred_and_runs_again(pool: ArqRedis) -> None:
+    """arq's Retry still works: the second try runs after the deferral, with job_try 2."""
+    tries: list[int] = []
+    done = asyncio.Event()
+
+    async def flaky(ctx: dict[str, Any]) -> str:
+        tries.append(ctx["job_try"])
+        if ctx["job_try"] == 1:
+            raise Retry(defer=0.2)
+        done.set()
+        return "ok"
+
+    async with running(pool, [flaky]):
+        await blocked_workers(pool, 1)
+        await enqueue(pool, "flaky")
+        async with asyncio.timeout(5):
+            await done.wait()
+    assert tries == [1, 2]
+
+
+async def test_two_workers_run_each_job_once(pool: ArqRedis) -> None:
+    """60 jobs, each with its token, across two workers: every job runs exactly once."""
+    runs: list[tuple[str, int]] = []
+    all_done = asyncio.Event()
+
+    async def record(ctx: dict[str, Any], n: int) -> None:
+        runs.append((ctx["name"], n))
+        await asyncio.sleep(0.01)
+        if len(runs) == 60:
+            all_done.set()
+
+    async with running(pool, [record], "a"), running(pool, [record], "b"):
+        await blocked_workers(pool, 2)
+        for n in range(60):
+            await enqueue(pool, "record", n)
+        async with asyncio.timeout(10):
+            await all_done.wait()
+        await asyncio.sleep(0.1)  # a second run of any job would show up now
+    assert sorted(n for _, n in runs) == list(range(60))
+    assert await pool.zcard(pool.default_queue_name) == 0
+    assert await pool.llen(wake_key(pool)) <= 16  # tokens are bounded whatever the burst
+
+
+async def test_full_worker_leaves_the_rest_to_another(pool: ArqRedis) -> None:
+    """One token, two jobs: the worker with one slot takes one and wakes the other worker."""
+    started: dict[int, str] = {}
+    both = asyncio.Event()
+    release = asyncio.Event()
+
+    async def hold(ctx: dict[str, Any], n: int) -> None:
+        started[n] = ctx["name"]
+        if len(started) == 2:
+            both.set()
+        await release.wait()
+
+    async with running(pool, [hold], "small", max_jobs=1):
+        await blocked_workers(pool, 1)
+        async with running(pool, [hold], "big"):
+            # "small" blocked first, so Redis hands it the one token (BLPOP serves in order).
+            await blocked_workers(pool, 2)
+            await pool.enqueue_job("hold", 1)
+            await pool.enqueue_job("hold", 2)
+            await pool.lpush(wake_key(pool), "1")
+            async with asyncio.timeout(5):
+                await both.wait()
+            release.set()
+    assert sorted(started.values()) == ["big", "small"]
+
+
+async def test_stop_as_the_last_job_ends_exits(pool: ArqRedis) -> None:
+    """A worker stopped just as its last job ends (arq's handle_sig) exits instead of hanging."""
+    started = asyncio.Event()
+    release = asyncio.Event()
+
+    async def last(ctx: dict[str, Any]) -> None:
+        started.set()
+        await release.wait()
+
+    worker = WakeableWorker(
+        functions=[func(last, name="last")],
+        queue_name=pool.default_queue_name,
+        redis_settings=RedisSettings(
+            host=pool.connection_pool.connection_kwargs["host"],
+            port=pool.connection_pool.connection_kwargs["port"],
+        ),
+        poll_delay=POLL_S,
+        handle_signals=False,
+        max_jobs=1,
+        job_serializer=json_dumps,
+        job_deserializer=json_loads,
+    )
+    worker.main_task = main = asyncio.create_task(worker.main())
+    try:
+        await blocked_workers(pool, 1)
+        await enqueue(pool, "last")
+        async with asyncio.timeout(5):
+            await started.wait()
+        worker.allow_pick_jobs = False  # stopping: no new work, the running job may finish
+        job = next(iter(worker.tasks.values()))
+        # The stop lands in the same loop iteration as the slot the job frees.
+        job.add_done_callback(lambda _: worker.handle_sig(signal.SIGTERM))
+        release.set()
+        await asyncio.wait({main}, timeout=5)
+        assert main.done(), "the worker kept running after it was told to stop"
+    finally:
+        main.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await main
+        await worker.close()
