@@ -2,9 +2,11 @@
 
 A waiter registers an asyncio.Event for a channel and gets it back once Redis has confirmed the
 subscription: only then may it read the record (DESIGN.md's subscribe-then-read order). Every
-message on the channel sets the events of its waiters. When the connection breaks, the reader
-opens a new one, subscribes every channel again, and sets every event on the confirmation, so
-waiters re-read the records they may have missed news of.
+message on the channel sets the events of its waiters; a waiter registered with a key (a Gate's
+inbox, where messages carry request ids) is set only by the messages carrying its key, so one
+subscription serves any number of them. When the connection breaks, the reader opens a new one,
+subscribes every channel again, and sets every event on the confirmation, so waiters re-read the
+records they may have missed news of.
 """
 
 from __future__ import annotations

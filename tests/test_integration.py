@@ -38,8 +38,22 @@ async def gate(redis_url: str) -> AsyncIterator[Gate]:
         yield g
 
 
+_AGENTS: list[subprocess.Popen[str]] = []
+
+
+@pytest.fixture(autouse=True)
+def _reap_agents() -> Iterator[None]:
+    """Agent processes a failing test left behind are killed, never leaked."""
+    yield
+    while _AGENTS:
+        agent = _AGENTS.pop()
+        if agent.poll() is None:
+            agent.kill()
+            agent.wait(5)
+
+
 def start_agent(redis_url: str, *args: str) -> subprocess.Popen[str]:
-    return subprocess.Popen(
+    agent = subprocess.Popen(
         [sys.executable, str(ROOT / "examples" / "charge.py"), *args],
         env=cli_env(redis_url),
         stdout=subprocess.PIPE,
@@ -47,6 +61,8 @@ def start_agent(redis_url: str, *args: str) -> subprocess.Popen[str]:
         text=True,
         cwd=ROOT,
     )
+    _AGENTS.append(agent)
+    return agent
 
 
 def read_request_id(agent: subprocess.Popen[str]) -> str:

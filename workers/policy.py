@@ -7,6 +7,7 @@ store, so arq's at-least-once delivery never decides a request twice.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import os
@@ -37,7 +38,11 @@ MAX_TRIES = 5
 JOB_TIMEOUT_S = 10
 # A queued request older than this with no evaluation job left is re-enqueued by the sweeper.
 REQUEUE_AFTER_MS = 30_000
-SWEEP_SECONDS = set(range(0, 60, 5))
+# The sweeper is a backstop (expire jobs and evaluations wake workers themselves), so it runs
+# rarely: an idle worker must cost Redis well under one command per second.
+SWEEP_MINUTES = set(range(0, 60, 2))
+# How often the worker looks at the policy file's mtime (a local stat, no Redis traffic).
+POLICY_WATCH_S = 2.0
 
 _STATUS = {
     Verdict.ALLOW: Status.ALLOWED,
@@ -100,7 +105,9 @@ class WorkerConfig:
     # after being pending: the approval channels (Slack) subscribe here.
     notify: tuple[tuple[str, str], ...] = ()
     max_jobs: int = 100
-    poll_delay_s: float = 0.5
+    # Only a fallback: every enqueue, deferral, retry and hand-back wakes a worker by itself.
+    poll_delay_s: float = 15.0
+    health_check_interval_s: float = 30.0
     extra: dict[str, Any] = field(default_factory=dict)
     # SUDO_QUEUE_AUDIT_KEY (HMAC of the audit chain) and SUDO_QUEUE_AUDIT_MAXLEN (0: keep all).
     audit_key: SecretStr | None = None
@@ -308,7 +315,8 @@ def worker_kwargs(
             cron(
                 sweep,  # type: ignore[arg-type]
                 name=f"{config.namespace}:sweep",
-                second=SWEEP_SECONDS,
+                minute=SWEEP_MINUTES,
+                second=0,
                 unique=True,
                 timeout=JOB_TIMEOUT_S,
             )
@@ -324,7 +332,7 @@ def worker_kwargs(
         "keep_result": 0,
         "max_jobs": config.max_jobs,
         "poll_delay": config.poll_delay_s,
-        "health_check_interval": 10,
+        "health_check_interval": config.health_check_interval_s,
         "handle_signals": False,
     }
 
@@ -340,4 +348,15 @@ async def run(config: WorkerConfig) -> None:
         namespace=config.namespace,
         pid=os.getpid(),
     )
-    await run_forever(lambda: worker_kwargs(config, holder), on_hup=holder.reload)
+    watcher = asyncio.get_running_loop().create_task(_watch_policy(holder))
+    try:
+        await run_forever(lambda: worker_kwargs(config, holder), on_hup=holder.reload)
+    finally:
+        watcher.cancel()
+
+
+async def _watch_policy(holder: PolicyHolder) -> None:
+    """Hot reload on a file change: a local stat every POLICY_WATCH_S, no Redis traffic."""
+    while True:
+        await asyncio.sleep(POLICY_WATCH_S)
+        holder.reload(only_if_changed=True)

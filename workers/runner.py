@@ -10,6 +10,7 @@ import asyncio
 import contextlib
 import json
 import signal
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -101,6 +102,17 @@ class WakeableWorker(Worker):
         self._wake_key = f"{self.queue_name}:wake"
         self._slot_free = asyncio.Event()
         self._next_due_s: float = self.poll_delay_s
+        self._stopped = False
+
+    def handle_sig(self, signum: signal.Signals) -> None:
+        # The loop checks this flag too: a cancel can be swallowed on Python 3.11 (when it lands
+        # as an awaited future completes), and a worker that ignores SIGTERM is worse than slow.
+        self._stopped = True
+        super().handle_sig(signum)
+
+    def _health_due_s(self) -> float:
+        """Seconds until arq's health key must be rewritten (its TTL is the interval + 1 s)."""
+        return self.health_check_interval - (time.time() - self._last_health_check)
 
     async def main(self) -> None:
         if self._pool is None:
@@ -115,9 +127,12 @@ class WakeableWorker(Worker):
         if self.on_startup:
             await self.on_startup(self.ctx)
         self._claim = self.pool.register_script(CLAIM_SCRIPT)
-        while True:
+        while not self._stopped:
             await self._poll_iteration()
-            block_s = max(min(self.poll_delay_s, self._next_due_s), 0.001)
+            # Woken by a token for new work; otherwise blocked until the next deferred job, the
+            # next health-key write (so `doctor` never sees a live worker as gone), or the
+            # fallback poll, whichever comes first.
+            block_s = max(min(self.poll_delay_s, self._next_due_s, self._health_due_s()), 0.001)
             if self.allow_pick_jobs and self.job_counter < self.max_jobs:
                 # BLPOP takes fractional seconds since Redis 6 (never 0 here: that blocks forever).
                 await self.pool.execute_command(  # type: ignore[no-untyped-call]  # untyped in redis-py
@@ -282,3 +297,9 @@ async def _stop_after_grace(worker: WakeableWorker, signum: int) -> None:
     if tasks:
         await asyncio.wait(tasks, timeout=STOP_GRACE_S)
     worker.handle_sig(signal.Signals(signum))
+    main = worker.main_task
+    while main is not None and not main.done():
+        # See WakeableWorker.handle_sig: cancel again until the main task has really ended.
+        await asyncio.wait({main}, timeout=1.0)
+        if not main.done():
+            main.cancel()

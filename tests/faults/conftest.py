@@ -24,6 +24,17 @@ def aof_redis() -> Iterator[RedisServer]:
 
 
 @pytest.fixture
+def spawned() -> Iterator[list[Popen[str]]]:
+    """Processes a test starts itself (agents); any still running at the end are killed."""
+    processes: list[Popen[str]] = []
+    yield processes
+    for process in processes:
+        if process.poll() is None:
+            process.kill()
+            process.wait(5)
+
+
+@pytest.fixture
 def workers(tmp_path: Path) -> Iterator[Callable[..., Popen[bytes]]]:
     """Start `sudo-queue worker` processes; every one is stopped at the end of the test."""
     started: list[Popen[bytes]] = []

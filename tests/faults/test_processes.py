@@ -74,20 +74,26 @@ async def test_worker_sigterm_finishes_in_flight_jobs(
 
 
 async def test_agent_sigkilled_while_pending_reattaches(
-    redis_url: str, real_redis: Redis, workers: Callable[..., subprocess.Popen[bytes]]
+    redis_url: str,
+    real_redis: Redis,
+    workers: Callable[..., subprocess.Popen[bytes]],
+    spawned: list[subprocess.Popen[str]],
 ) -> None:
     """Row 3: an agent killed while pending, restarted with its key, gets the decision at once."""
     workers(redis_url)
 
     def agent() -> subprocess.Popen[str]:
-        return subprocess.Popen(
-            [sys.executable, str(ROOT / "examples" / "charge.py"), "6000", "--key", "order-9"],
-            env=cli_env(redis_url),
-            stdout=subprocess.PIPE,
-            stderr=subprocess.DEVNULL,
-            text=True,
-            cwd=ROOT,
+        spawned.append(
+            subprocess.Popen(
+                [sys.executable, str(ROOT / "examples" / "charge.py"), "6000", "--key", "order-9"],
+                env=cli_env(redis_url),
+                stdout=subprocess.PIPE,
+                stderr=subprocess.DEVNULL,
+                text=True,
+                cwd=ROOT,
+            )
         )
+        return spawned[-1]
 
     first = agent()
     assert first.stdout is not None
@@ -111,7 +117,10 @@ async def _is(store: Store, request_id: str, status: Status) -> bool:
 
 
 async def test_soak_with_a_worker_killed_mid_run(
-    redis_url: str, real_redis: Redis, workers: Callable[..., subprocess.Popen[bytes]]
+    redis_url: str,
+    real_redis: Redis,
+    workers: Callable[..., subprocess.Popen[bytes]],
+    spawned: list[subprocess.Popen[str]],
 ) -> None:
     """Row 15: 1,000 agents in 4 processes, 2 workers, one SIGKILLed and restarted: none lost."""
     first = workers(redis_url, name="w1")
@@ -131,6 +140,7 @@ async def test_soak_with_a_worker_killed_mid_run(
         )
         for n in range(4)
     ]  # fmt: skip
+    spawned.extend(agents)
     store = Store(real_redis)
     approved: set[str] = set()
     killed = False
