@@ -2,7 +2,7 @@
 
 Checks, in order: Redis answers (and is new enough), Redis keeps what it is given (AOF on, no
 eviction), the policy file loads, a policy worker is alive (arq's health-check key, which the
-worker refreshes every 10 s), and, when SLACK_BOT_TOKEN is set, that Slack accepts the token
+worker refreshes every 30 s), and, when SLACK_BOT_TOKEN is set, that Slack accepts the token
 (`auth.test`). A check that cannot run because an earlier one failed is skipped, not failed.
 """
 
