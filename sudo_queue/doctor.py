@@ -32,7 +32,15 @@ __all__ = ["Check", "DoctorOptions", "Level", "SlackEnv", "exit_code", "render",
 MIN_REDIS = (6, 0)
 # A queued request is decided in milliseconds; older than this means no worker is keeping up.
 STUCK_QUEUED_MS = 30_000
-SLACK_SCOPES = ("chat:write",)
+# The bot scopes of config/slack-manifest.yaml (tests/test_doctor.py keeps the two equal).
+SLACK_SCOPES = (
+    "chat:write",
+    "channels:history",
+    "groups:history",
+    "channels:read",
+    "groups:read",
+    "usergroups:read",
+)
 DEFAULT_SLACK_API_URL = "https://slack.com/api/"
 
 
@@ -284,7 +292,12 @@ async def _check_slack(options: DoctorOptions) -> list[Check]:
                 Check(
                     "slack scopes",
                     Level.WARN,
-                    f"the bot token lacks {', '.join(missing)}: it cannot post approval messages",
+                    f"the bot token lacks {', '.join(missing)}: "
+                    + (
+                        "it cannot post approval messages"
+                        if "chat:write" in missing
+                        else "interrupted posts, channel names or @group approvers may fail"
+                    ),
                 )
             )
     return checks

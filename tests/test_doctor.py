@@ -14,6 +14,9 @@ from pathlib import Path
 
 import pytest
 import redis
+import yaml
+
+from sudo_queue.doctor import SLACK_SCOPES
 
 from .helpers import (
     ROOT,
@@ -157,7 +160,7 @@ class FakeSlack(BaseHTTPRequestHandler):
             body, scopes = {"ok": False, "error": "invalid_auth"}, ""
         else:
             body = {"ok": True, "user": "sudoqueue", "user_id": "U0BOT", "team": "Acme"}
-            scopes = "chat:write,users:read" if token == GOOD_TOKEN else "users:read"
+            scopes = ",".join(SLACK_SCOPES) if token == GOOD_TOKEN else "users:read"
         payload = json.dumps(body).encode()
         self.send_response(200)
         self.send_header("Content-Type", "application/json")
@@ -205,6 +208,7 @@ def test_doctor_checks_the_slack_token(redis_url: str, slack_api: str) -> None:
     passes, a token without chat:write warns, a refused one fails; no token is ever printed."""
     good = doctor_with_slack(redis_url, slack_api, GOOD_TOKEN)
     assert "[ ok ] slack auth.test ok: bot sudoqueue (U0BOT) in Acme" in lines(good.stdout)
+    assert not any("slack scopes" in line for line in lines(good.stdout))
     assert GOOD_TOKEN not in good.stdout + good.stderr
 
     narrow = doctor_with_slack(redis_url, slack_api, NARROW_TOKEN)
@@ -218,3 +222,9 @@ def test_doctor_checks_the_slack_token(redis_url: str, slack_api: str) -> None:
     slack_line = next(line for line in lines(refused.stdout) if line.startswith("[FAIL] slack"))
     assert "refused the bot token (invalid_auth)" in slack_line
     assert "xoxb-revoked-0000" not in refused.stdout + refused.stderr
+
+
+def test_doctor_checks_every_scope_the_manifest_asks_for() -> None:
+    """The scopes doctor checks are exactly the bot scopes of config/slack-manifest.yaml."""
+    manifest = yaml.safe_load((ROOT / "config" / "slack-manifest.yaml").read_text())
+    assert set(SLACK_SCOPES) == set(manifest["oauth_config"]["scopes"]["bot"])
