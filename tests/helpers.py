@@ -16,6 +16,9 @@ from pathlib import Path
 import pytest
 import redis
 
+from sudo_queue.models import Status
+from sudo_queue.store import Store, TransitionResult
+
 ROOT = Path(__file__).resolve().parent.parent
 POLICY = ROOT / "config" / "policy.yaml"
 
@@ -139,3 +142,24 @@ def stop_process(process: subprocess.Popen[bytes], sig: int = signal.SIGTERM) ->
             process.kill()
             return process.wait(5)
     return process.returncode
+
+
+async def decide_as_policy(
+    store: Store, request_id: str, status: Status, *, expires_in_s: float = 60.0
+) -> TransitionResult:
+    """Apply a policy verdict to a queued request from its stored record, as the worker does."""
+    record = await store.get(request_id)
+    assert record is not None, f"no record for {request_id}"
+    return await store.decide(
+        request_id,
+        status=status,
+        agent=record.agent,
+        resource=record.resource,
+        action=record.action,
+        args_digest=record.args_digest,
+        rule="test-rule",
+        reason="decided by the test",
+        policy_version="test",
+        actor="policy",
+        expires_in_s=expires_in_s,
+    )

@@ -24,7 +24,7 @@ from sudo_queue import (
 from sudo_queue.policy import Policy, Verdict
 from sudo_queue.store import Store
 
-from .helpers import POLICY
+from .helpers import POLICY, decide_as_policy
 
 STATUS = {Verdict.ALLOW: Status.ALLOWED, Verdict.DENY: Status.DENIED}
 
@@ -174,21 +174,7 @@ async def test_keys_are_per_agent(fake_redis: Redis) -> None:
 async def test_deadline_expires_without_a_worker(gate: Gate, store: Store) -> None:
     """A waiting agent expires its own overdue request through the server-clock transition."""
     request_id = await gate.submit("stripe", "charge", {"amount": 5000})
-    record = await store.get(request_id)
-    assert record is not None
-    await store.decide(
-        request_id,
-        status=Status.PENDING,
-        agent=record.agent,
-        resource=record.resource,
-        action=record.action,
-        args_digest=record.args_digest,
-        rule="big-charges",
-        reason="",
-        policy_version="v",
-        actor="policy",
-        expires_in_s=0.2,
-    )
+    await decide_as_policy(store, request_id, Status.PENDING, expires_in_s=0.2)
     with pytest.raises(RequestDenied) as info:
         await gate.wait(request_id, timeout=3)
     assert info.value.decision.status is Status.EXPIRED
@@ -207,20 +193,7 @@ async def test_vanished_record_is_denied(gate: Gate, fake_redis: Redis) -> None:
 async def test_decided_before_waiting_returns_at_once(gate: Gate, store: Store) -> None:
     """A decision written before the agent subscribes is found by the read after subscribing."""
     request_id = await gate.submit("stripe", "charge", {"amount": 5000})
-    record = await store.get(request_id)
-    assert record is not None
-    await store.decide(
-        request_id,
-        status=Status.ALLOWED,
-        agent=record.agent,
-        resource=record.resource,
-        action=record.action,
-        args_digest=record.args_digest,
-        rule="r",
-        reason="",
-        policy_version="v",
-        actor="policy",
-    )
+    await decide_as_policy(store, request_id, Status.ALLOWED)
     decision = await gate.wait(request_id, timeout=1)
     assert decision.status is Status.ALLOWED
 

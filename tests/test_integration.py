@@ -19,7 +19,15 @@ from redis.asyncio import Redis
 from sudo_queue import Gate, GateUnavailable, RequestDenied, Status, WaitTimeout
 from sudo_queue.store import Outcome, Store
 
-from .helpers import ROOT, cli_env, free_port, run_cli, start_worker, stop_process
+from .helpers import (
+    ROOT,
+    cli_env,
+    decide_as_policy,
+    free_port,
+    run_cli,
+    start_worker,
+    stop_process,
+)
 
 pytestmark = pytest.mark.redis_server
 
@@ -237,21 +245,7 @@ async def test_concurrent_approve_reject_on_real_redis(real_redis: Redis) -> Non
     store = Store(real_redis)
     async with Gate(real_redis, agent="bot") as gate:
         request_id = await gate.submit("stripe", "charge", {"amount": 5000})
-    record = await store.get(request_id)
-    assert record is not None
-    await store.decide(
-        request_id,
-        status=Status.PENDING,
-        agent="bot",
-        resource="stripe",
-        action="charge",
-        args_digest=record.args_digest,
-        rule="big",
-        reason="",
-        policy_version="v",
-        actor="policy",
-        expires_in_s=60,
-    )
+    await decide_as_policy(store, request_id, Status.PENDING)
     results = await asyncio.gather(
         *(
             store.approve(request_id, actor=f"U{i}")

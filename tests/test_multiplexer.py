@@ -13,6 +13,8 @@ from sudo_queue import Gate, Status
 from sudo_queue.multiplexer import Multiplexer
 from sudo_queue.store import Store
 
+from .helpers import decide_as_policy
+
 
 @pytest_asyncio.fixture
 async def mux(fake_redis: Redis) -> AsyncIterator[Multiplexer]:
@@ -24,20 +26,8 @@ async def mux(fake_redis: Redis) -> AsyncIterator[Multiplexer]:
 async def park(store: Store) -> list[str]:
     """Stand-in for the policy worker: turn every queued request pending; return their ids."""
     ids = await store.open_ids(Status.QUEUED)
-    for record in await store.records(ids):
-        await store.decide(
-            record.id,
-            status=Status.PENDING,
-            agent=record.agent,
-            resource=record.resource,
-            action=record.action,
-            args_digest=record.args_digest,
-            rule="r",
-            reason="needs a human",
-            policy_version="v",
-            actor="policy",
-            expires_in_s=60,
-        )
+    for request_id in ids:
+        await decide_as_policy(store, request_id, Status.PENDING)
     return ids
 
 

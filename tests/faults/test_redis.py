@@ -17,7 +17,7 @@ from redis.asyncio.client import PubSub
 from sudo_queue import Gate, GateUnavailable, RequestDenied, Status, WaitTimeout
 from sudo_queue.store import Store
 
-from ..helpers import RedisServer, run_cli
+from ..helpers import RedisServer, decide_as_policy, run_cli
 from .common import status_of, until, worker_ready, write
 
 pytestmark = pytest.mark.redis_server
@@ -103,23 +103,11 @@ async def test_decision_between_subscribe_and_confirmation(
     store = Store(real_redis)
     async with Gate.connect(redis_url, agent="bot") as gate:
         request_id = await gate.submit("stripe", "charge", {"amount": 5000})
-        record = await gate.get(request_id)
         original = PubSub.subscribe
 
         async def subscribe_then_decide(self: PubSub, *args: Any, **kwargs: Any) -> Any:
             result = await original(self, *args, **kwargs)
-            await store.decide(
-                request_id,
-                status=Status.ALLOWED,
-                agent=record.agent,
-                resource=record.resource,
-                action=record.action,
-                args_digest=record.args_digest,
-                rule="r",
-                reason="",
-                policy_version="v",
-                actor="policy",
-            )
+            await decide_as_policy(store, request_id, Status.ALLOWED)
             return result
 
         monkeypatch.setattr(PubSub, "subscribe", subscribe_then_decide)
