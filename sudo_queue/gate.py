@@ -231,6 +231,9 @@ class Gate:
         # after it reaches this waiter. A re-attached request keeps the wake-ups of its creator;
         # it is waited for on its own channel, as `wait` does.
         if await self._mux.keep(self._inbox):
+            # `listen` below waits for a confirmation outside `timeout`, but never here: keep()
+            # just saw the inbox confirmed, and neither call suspends in between for an existing
+            # subscription, so a reconnect cannot clear it first.
             new_id = uuid.uuid4().hex
             async with self._mux.listen(self._inbox, key=new_id) as wake:
                 found = await self._submit_within(
