@@ -364,16 +364,25 @@ class AuditLog:
             head, page = await self._call(pipe.execute(), "read the audit log")
         return head, page
 
-    async def _verify_once(self, checkpoint: Checkpoint | None) -> VerifyResult:
-        head_raw, page = await self._page("-")
-        result = VerifyResult(ok=False)
+    def _head_checkpoint(
+        self, head_raw: dict[str, str], hash_field: str, count_field: str, result: VerifyResult
+    ) -> Checkpoint | None:
+        """A checkpoint stored in the audit head; None (and `result.problem`) if malformed."""
         try:
-            result.anchor = Checkpoint(
-                head_raw.get("anchor_hash") or GENESIS, int(head_raw.get("anchor_count") or 0)
+            return Checkpoint(
+                head_raw.get(hash_field) or GENESIS, int(head_raw.get(count_field) or 0)
             )
         except ValueError:
             result.problem = f"the audit head {self.keys.audit_head} is malformed: {head_raw!r}"
+            return None
+
+    async def _verify_once(self, checkpoint: Checkpoint | None) -> VerifyResult:
+        head_raw, page = await self._page("-")
+        result = VerifyResult(ok=False)
+        anchor = self._head_checkpoint(head_raw, "anchor_hash", "anchor_count", result)
+        if anchor is None:
             return result
+        result.anchor = anchor
         prev, count = result.anchor.hash, result.anchor.count
         last: AuditEntry | None = None
         while True:
@@ -395,14 +404,10 @@ class AuditLog:
             if len(page) < _PAGE:
                 break  # the end of the stream, as of `head_raw`, read in the same MULTI
             head_raw, page = await self._page("(" + page[-1][0])
-        try:
-            result.head = Checkpoint(
-                head_raw.get("hash") or GENESIS, int(head_raw.get("count") or 0)
-            )
-        except ValueError:
-            result.problem = f"the audit head {self.keys.audit_head} is malformed: {head_raw!r}"
+        head_checkpoint = self._head_checkpoint(head_raw, "hash", "count", result)
+        if head_checkpoint is None:
             return result
-        head = result.head
+        result.head = head = head_checkpoint
         if head != Checkpoint(prev, count):
             if head.count > count:
                 result.problem = (
