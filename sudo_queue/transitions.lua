@@ -56,14 +56,20 @@ local function eval_job(rec)
     {id, rec.agent, rec.resource, rec.action, rec.args, rec.context, rec.args_digest}, now)
 end
 
--- The audit chain (sudo_queue/audit.py verifies it). Each entry's hash is
---   hash_n = H(hash_{n-1} .. canonical(entry_n))
+-- The audit chain (sudo_queue/audit.py verifies it; docs/audit.md is the contract). Format 2:
+--   hash_n = H(raw(hash_{n-1}) .. raw(body_n) .. u64(seq_n) .. u64(time_n))
+--   body_n = SHA-256(canonical(entry_n))
 -- with H = SHA-256, or HMAC-SHA-256 when the caller holds SUDO_QUEUE_AUDIT_KEY, and
--- canonical(entry) the netstrings ('<byte length>:<value>,') of the CANON fields in this order.
+-- canonical(entry) the netstrings ('<byte length>:<value>,') of the BODY fields in this order.
 -- It is computed here, inside the transition, so that the entry and the transition are one
--- atomic step and concurrent writers from any number of processes extend one chain.
+-- atomic step and concurrent writers from any number of processes extend one chain. The chain
+-- step is two SHA-256 blocks whatever the entry holds; the body costs more (a block per 64
+-- bytes), so a caller that knows the entry passes its digest in `p.bodies`, keyed by the
+-- canonical bytes: it is used only for exactly the bytes built here, never trusted otherwise.
 local CANON = {'v', 'seq', 'event', 'request_id', 'agent', 'resource', 'action', 'args_digest',
   'redacted_digest', 'status', 'rule', 'policy_version', 'actor', 'reason', 'time', 'alg'}
+local BODY = {'v', 'event', 'request_id', 'agent', 'resource', 'action', 'args_digest',
+  'redacted_digest', 'status', 'rule', 'policy_version', 'actor', 'reason', 'alg'}
 local GENESIS = string.rep('0', 64)
 local AUDIT_REASON_MAX = 1024
 -- At most this many old entries are trimmed per transition, so lowering the max length of a
@@ -218,22 +224,53 @@ local function trim_audit()
   redis.call('XTRIM', audit_key, 'MINID', ms .. '-' .. string.format('%d', tonumber(n) + 1))
 end
 
+local function unhex(hex)  -- 64 hex digits to their 32 bytes
+  local out = {}
+  for j = 1, 8 do
+    local w = tonumber(string.sub(hex, j * 8 - 7, j * 8), 16)
+    local b4 = w % 256
+    w = (w - b4) / 256
+    local b3 = w % 256
+    w = (w - b3) / 256
+    local b2 = w % 256
+    out[j] = string.char((w - b2) / 256, b2, b3, b4)
+  end
+  return table.concat(out)
+end
+
+local function u64(n)  -- 8 bytes, big-endian (exact: Lua numbers hold integers up to 2^53)
+  local out = {}
+  for j = 8, 1, -1 do
+    local byte = n % 256
+    out[j] = string.char(byte)
+    n = (n - byte) / 256
+  end
+  return table.concat(out)
+end
+
 -- Append one entry (a table of CANON values plus `args`) to the chain.
 local function append_entry(e)
   local head = redis.call('HMGET', head_key, 'hash', 'count')
   local prev = head[1] or GENESIS
   local seq = (tonumber(head[2]) or 0) + 1
-  e.v, e.seq, e.time = '1', string.format('%d', seq), string.format('%d', now)
+  e.v, e.seq, e.time = '2', string.format('%d', seq), string.format('%d', now)
   e.alg = audit_mac == '' and 'sha256' or 'hmac-sha256'
   e.reason = clip(e.reason or '', AUDIT_REASON_MAX)
   local parts, fields = {}, {}
-  for i, name in ipairs(CANON) do
+  for i, name in ipairs(BODY) do
     local value = e[name] or ''
     parts[i] = #value .. ':' .. value .. ','
-    fields[#fields + 1] = name
-    fields[#fields + 1] = value
   end
-  local hash = chain_hash(prev .. table.concat(parts))
+  for _, name in ipairs(CANON) do
+    fields[#fields + 1] = name
+    fields[#fields + 1] = e[name] or ''
+  end
+  local canonical = table.concat(parts)
+  local body = type(p.bodies) == 'table' and p.bodies[canonical]
+  if type(body) ~= 'string' or not string.find(body, '^' .. string.rep('%x', 64) .. '$') then
+    body = sha256_from(SHA256_INIT, 0, canonical)
+  end
+  local hash = chain_hash(unhex(prev) .. unhex(body) .. u64(seq) .. u64(now))
   fields[#fields + 1] = 'args'
   fields[#fields + 1] = e.args or ''
   fields[#fields + 1] = 'prev'

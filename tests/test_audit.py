@@ -21,6 +21,7 @@ import pytest_asyncio
 from redis.asyncio import Redis
 
 from sudo_queue import Gate, RequestDenied, Status
+from sudo_queue import store as store_module
 from sudo_queue.audit import (
     GENESIS,
     AuditEntry,
@@ -83,6 +84,7 @@ async def decide(
         actor="policy",
         expires_in_s=expires_in_s,
         min_approvals=min_approvals,
+        args_json=args_json,  # as the worker does: the entry's body digest is passed
     )
     assert result.outcome is Outcome.APPLIED
 
@@ -247,6 +249,67 @@ async def test_every_transition_writes_one_entry_and_the_chain_verifies(
     assert result.ok, result.problem
     assert result.checked == result.head.count == 17
     assert result.head == await audit.checkpoint()
+
+
+async def test_writers_pass_the_body_digest_of_every_entry_they_cause(
+    store: Store, fake_redis: Redis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each transition's writer names the exact canonical bytes of its entries, so Redis hashes
+    only the two-block chain step. Shown by passing a wrong digest for those bytes: the script
+    uses it (and verify then rejects the entry), which it does only on an exact match."""
+    wrong = hashlib.sha256(b"not the body").hexdigest()
+    real = store_module.entry_bodies
+
+    def forged(entries: Any) -> dict[str, str]:
+        return dict.fromkeys(real(entries), wrong)
+
+    monkeypatch.setattr(store_module, "entry_bodies", forged)
+    args = await create(store, "a")
+    await decide(store, "a", args, Status.ALLOWED)
+    for request_id in ("b", "c", "d", "e"):
+        await create(store, request_id)
+        await decide(store, request_id, args, Status.PENDING, expires_in_s=0.05)
+    await store.approve("b", actor="alice", reason="ok, token=sk-live-abcdefghijklmnop")
+    await store.reject("c", actor="bob")
+    await store.cancel("d", actor="bot")
+    await asyncio.sleep(0.1)
+    await store.expire("e")
+    await store.fail("a", actor="policy", rule="<error>", reason="x")  # refused: no entry
+
+    entries = [fields for _, fields in await fake_redis.xrange(AUDIT)]
+    assert [f["event"] for f in entries] == [
+        "created", "allowed",
+        "created", "pending", "created", "pending", "created", "pending", "created", "pending",
+        "vote", "approved", "rejected", "cancelled", "expired",
+    ]  # fmt: skip
+    for fields in entries:
+        message = (
+            bytes.fromhex(fields["prev"])
+            + bytes.fromhex(wrong)
+            + int(fields["seq"]).to_bytes(8, "big")
+            + int(fields["time"]).to_bytes(8, "big")
+        )
+        assert fields["hash"] == hashlib.sha256(message).hexdigest(), fields["event"]
+    result = await AuditLog(fake_redis).verify()
+    assert not result.ok
+    assert "#1 " in result.problem
+    assert "does not match its hash" in result.problem
+
+
+async def test_a_digest_for_other_bytes_is_never_used(store: Store, fake_redis: Redis) -> None:
+    """The script hashes the body itself unless the digest's key is exactly its own bytes."""
+    args = await create(store, "a")
+    params = {"verdict": "allowed", "agent": "bot", "resource": "stripe", "action": "charge"}
+    params |= {"digest": digest(args), "rule": "r", "reason": "", "policy_version": "v"}
+    params |= {"actor": "policy", "expires_in_ms": 0, "approvers": "[]", "min_approvals": 1}
+    params |= {"channel": "", "notify": ""}
+    near = {"actor": "policy", "event": "allowed", "status": "allowed", "request_id": "a"}
+    canonical_text = next(iter(store_module.entry_bodies([near])))
+    params["bodies"] = {canonical_text: "f" * 64, "junk": "not hex"}
+    assert (await store._run("decide", "a", params))[0] == "applied"
+    result = await AuditLog(fake_redis).verify()
+    assert result.ok, result.problem
+    assert result.checked == 2
 
 
 async def test_refused_transitions_write_no_entry(store: Store, fake_redis: Redis) -> None:

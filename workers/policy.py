@@ -183,6 +183,7 @@ async def evaluate(
             min_approvals=evaluation.min_approvals,
             channel=evaluation.channel,
             notify=config.notify,
+            args_json=args_json,
         )
     except GateUnavailable as exc:
         await _retry_or_give_up(ctx, request_id, exc)
