@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import functools
 import inspect
+import json
 import time
 import uuid
 from typing import TYPE_CHECKING, Any, ParamSpec, Self, TypeVar
@@ -31,12 +32,14 @@ from .models import (
     canonical_json,
     check_name,
     digest,
+    ms_to_datetime,
 )
-from .multiplexer import Multiplexer
+from .multiplexer import Multiplexer, Wake
 from .store import CreateResult, Outcome, Store
 
 if TYPE_CHECKING:
     from collections.abc import Awaitable, Callable
+    from datetime import datetime
     from types import TracebackType
 
 __all__ = ["Gate"]
@@ -157,7 +160,7 @@ class Gate:
         context: dict[str, Any] | None = None,
     ) -> str:
         """Create the request (or re-attach to the one `key` names) and return its id."""
-        found = await self._submit(resource, action, args, key, context, uuid.uuid4().hex, "")
+        found, _ = await self._submit(resource, action, args, key, context, uuid.uuid4().hex, "")
         return found.request_id
 
     async def _submit(
@@ -169,7 +172,8 @@ class Gate:
         context: dict[str, Any] | None,
         request_id: str,
         inbox: str,
-    ) -> CreateResult:
+    ) -> tuple[CreateResult, str]:
+        """The request created (or re-attached to), and the digest of `args`."""
         check_name(resource, "resource")
         check_name(action, "action")
         if key is not None and (not isinstance(key, str) or not key or len(key) > 256):
@@ -203,7 +207,7 @@ class Gate:
             action=action,
             status=result.status.value,
         )
-        return result
+        return result, args_digest
 
     async def request(
         self,
@@ -236,25 +240,25 @@ class Gate:
             # subscription, so a reconnect cannot clear it first.
             new_id = uuid.uuid4().hex
             async with self._mux.listen(self._inbox, key=new_id) as wake:
-                found = await self._submit_within(
+                found, args_digest = await self._submit_within(
                     timeout, resource, action, args, key, context, new_id, self._inbox
                 )
                 if found.created:
                     return await self._decided(
                         new_id,
-                        lambda: self._wait_on(new_id, wake, created=True),
+                        lambda: self._wait_on(new_id, wake, created_digest=args_digest),
                         remaining(),
                         reported=timeout,
                     )
         else:
-            found = await self._submit_within(
+            found, _ = await self._submit_within(
                 timeout, resource, action, args, key, context, uuid.uuid4().hex, ""
             )
         return await self._decided(
             found.request_id, lambda: self._wait(found.request_id), remaining(), reported=timeout
         )
 
-    async def _submit_within(self, timeout: float | None, *args: Any) -> CreateResult:
+    async def _submit_within(self, timeout: float | None, *args: Any) -> tuple[CreateResult, str]:
         try:
             async with asyncio.timeout(timeout):
                 return await self._submit(*args)
@@ -306,43 +310,37 @@ class Gate:
     # -- waiting -------------------------------------------------------------------------------
 
     async def _wait(self, request_id: str) -> Decision:
+        # The request's channel carries the plain status, read on every wake-up: this path
+        # (`wait`, a re-attached request) is not the hot one.
         async with self._mux.listen(self.store.keys.channel(request_id)) as wake:
             return await self._wait_on(request_id, wake)
 
     async def _wait_on(
-        self, request_id: str, wake: asyncio.Event, *, created: bool = False
+        self, request_id: str, wake: Wake, *, created_digest: str | None = None
     ) -> Decision:
-        """Read the record on every wake-up until it is decided; `wake` is already subscribed.
+        """Wait until the request is decided, re-reading on wake-ups; `wake` is subscribed.
 
-        `created`: this Gate has just created the request, so it is known to be queued and the
-        first read is skipped (a wake-up that came meanwhile stays set).
+        `created_digest`: the args digest of a request this Gate has just created, with its
+        inbox as `wake`. The request is then known to be queued, so the first read is skipped
+        (a wake-up that came meanwhile stays set), and an inbox message that carries the
+        decision (`_inbox_news`) stands in for the read.
         """
-        backoff = 0.05
+        status, expires_at = Status.QUEUED, None
+        unread = created_digest is not None
         while True:
-            if created:
-                created = False
-                status, expires_at = Status.QUEUED, None
+            if unread:
+                unread = False
             else:
+                news = _inbox_news(request_id, wake, created_digest)
                 wake.clear()
-                try:
-                    record = await self.store.get(request_id, votes=False)
-                except GateUnavailable as exc:
-                    if not _redis_down(exc):
-                        raise
-                    # A Redis restart: the subscription comes back by itself; keep trying
-                    # until the caller's timeout says otherwise.
-                    log.warning("wait_redis_unavailable", request_id=request_id, error=str(exc))
-                    await asyncio.sleep(backoff)
-                    backoff = min(backoff * 2, 2.0)
-                    continue
-                backoff = 0.05
-                if record is None:
-                    return _vanished(request_id)
-                if record.status.terminal:
-                    return record.decision()
-                status, expires_at = record.status, record.expires_at
-                # A parked waiter keeps no record: 10,000 of them, with up to 64 KiB of args each.
-                del record
+                if news is None:
+                    news = await self._read(request_id)
+                # A parked waiter keeps a Decision at most, never a record (with up to 64 KiB
+                # of args): 10,000 of them must stay small.
+                decision, expires_at = news
+                if decision.status.terminal:
+                    return decision
+                status = decision.status
             sleep_for: float | None = _QUEUED_RECHECK_S if status is Status.QUEUED else None
             if status is Status.PENDING and expires_at is not None:
                 sleep_for = expires_at.timestamp() - time.time()
@@ -357,6 +355,27 @@ class Gate:
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(sleep_for):
                     await wake.wait()
+
+    async def _read(self, request_id: str) -> tuple[Decision, datetime | None]:
+        """The request's decision so far and its deadline, from the record.
+
+        Through a Redis restart it keeps trying (the subscription comes back by itself) until
+        the caller's timeout says otherwise.
+        """
+        backoff = 0.05
+        while True:
+            try:
+                record = await self.store.get(request_id, votes=False)
+            except GateUnavailable as exc:
+                if not _redis_down(exc):
+                    raise
+                log.warning("wait_redis_unavailable", request_id=request_id, error=str(exc))
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, 2.0)
+                continue
+            if record is None:
+                return _vanished(request_id), None
+            return record.decision(), record.expires_at
 
     # -- decorating ----------------------------------------------------------------------------
 
@@ -398,6 +417,44 @@ class Gate:
             return guarded
 
         return decorate
+
+
+def _inbox_news(
+    request_id: str, wake: Wake, args_digest: str | None
+) -> tuple[Decision, datetime | None] | None:
+    """The decision and deadline an inbox message brought, or None: then read the record.
+
+    transitions.lua's `wake_up` sends the record's decision fields to the inbox of the Gate that
+    created the request (`args_digest` given), so that a waiter returns without a read. Fail
+    closed: a message that is not exactly that, for these args, gives None, and the waiter reads
+    the truth. After a resubscription only a terminal decision stands (it can never change);
+    a pending one may be stale news.
+    """
+    if args_digest is None or not wake.news:
+        return None  # no message, or the request id alone: the record tells the rest
+    try:
+        fields = json.loads(wake.news)
+        if not isinstance(fields, dict) or not all(isinstance(v, str) for v in fields.values()):
+            raise ValueError("not a JSON object of strings")
+        if fields.get("args_digest") != args_digest:
+            raise ValueError("not about the args this Gate asked for")
+        # The same fields, read the same way, as store.parse_record and RequestRecord.decision.
+        decision = Decision(
+            request_id=request_id,
+            status=Status(fields["status"]),
+            reason=fields.get("reason") or None,
+            rule=fields.get("rule") or None,
+            decided_by=fields.get("decided_by") or None,
+            decided_at=ms_to_datetime(fields.get("decided_at")),
+            args_digest=args_digest,
+        )
+        expires_at = ms_to_datetime(fields.get("expires_at"))
+    except (KeyError, ValueError, ArithmeticError, OSError, RecursionError) as exc:
+        log.warning("wake_up_unusable", request_id=request_id, error=str(exc)[:200])
+        return None
+    if wake.stale and not decision.status.terminal:
+        return None
+    return decision, expires_at
 
 
 def _vanished(request_id: str) -> Decision:

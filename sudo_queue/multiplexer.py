@@ -1,12 +1,13 @@
 """One pub/sub connection per process, fanned out to any number of waiting coroutines.
 
-A waiter registers an asyncio.Event for a channel and gets it back once Redis has confirmed the
-subscription: only then may it read the record (DESIGN.md's subscribe-then-read order). Every
-message on the channel sets the events of its waiters; a waiter registered with a key (a Gate's
-inbox, where messages carry request ids) is set only by the messages carrying its key, so one
-subscription serves any number of them. When the connection breaks, the reader opens a new one,
-subscribes every channel again, and sets every event on the confirmation, so waiters re-read the
-records they may have missed news of.
+A waiter registers a `Wake` (an asyncio.Event) for a channel and gets it back once Redis has
+confirmed the subscription: only then may it read the record (DESIGN.md's subscribe-then-read
+order). Every message on the channel sets the events of its waiters and leaves its data in
+`Wake.news`; a waiter registered with a key (a Gate's inbox, where a message is '<request id>'
+or '<request id> <news>') is set only by the messages carrying its key, so one subscription
+serves any number of them. When the connection breaks, the reader opens a new one, subscribes
+every channel again, and on the confirmation sets every event and marks it `stale`, so waiters
+re-read the records they may have missed news of.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ if TYPE_CHECKING:
     from redis.asyncio import Redis
     from redis.asyncio.client import PubSub
 
-__all__ = ["Multiplexer"]
+__all__ = ["Multiplexer", "Wake"]
 
 log = structlog.get_logger(__name__)
 
@@ -35,14 +36,33 @@ log = structlog.get_logger(__name__)
 PING_INTERVAL_S = 15.0
 
 
+class Wake(asyncio.Event):
+    """An Event that also keeps what set it, until `clear()`.
+
+    `news`: the data of the latest message for this waiter (for a keyed waiter, what follows its
+    key and a space; '' when the message is the key alone), or None. `stale`: a subscription was
+    confirmed, so news may have been lost and only a read of the truth is up to date.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.news: str | None = None
+        self.stale = False
+
+    def clear(self) -> None:
+        super().clear()
+        self.news = None
+        self.stale = False
+
+
 class _Channel:
     __slots__ = ("confirmed", "keep", "keyed", "waiters")
 
     def __init__(self) -> None:
-        self.waiters: set[asyncio.Event] = set()
+        self.waiters: set[Wake] = set()
         # Waiters that only the messages carrying their key wake (a Gate's inbox carries the
         # request id), so one subscription serves any number of them.
-        self.keyed: dict[str, list[asyncio.Event]] = {}
+        self.keyed: dict[str, list[Wake]] = {}
         self.confirmed = asyncio.Event()
         self.keep = False  # stays subscribed without waiters (an inbox that every request reuses)
 
@@ -50,33 +70,41 @@ class _Channel:
     def idle(self) -> bool:
         return not self.waiters and not self.keyed and not self.keep
 
-    def add(self, event: asyncio.Event, key: str | None) -> None:
+    def add(self, wake: Wake, key: str | None) -> None:
         if key is None:
-            self.waiters.add(event)
+            self.waiters.add(wake)
         else:
-            self.keyed.setdefault(key, []).append(event)
+            self.keyed.setdefault(key, []).append(wake)
 
-    def discard(self, event: asyncio.Event, key: str | None) -> None:
+    def discard(self, wake: Wake, key: str | None) -> None:
         if key is None:
-            self.waiters.discard(event)
+            self.waiters.discard(wake)
             return
-        events = self.keyed.get(key, [])
-        if event in events:
-            events.remove(event)
-        if not events:
+        wakes = self.keyed.get(key, [])
+        if wake in wakes:
+            wakes.remove(wake)
+        if not wakes:
             self.keyed.pop(key, None)
 
-    def wake(self, data: str | None = None) -> None:
-        """Wake the plain waiters and the keyed ones whose key is `data` (every one if None)."""
-        for event in self.waiters:
-            event.set()
-        if data is None:
-            for events in self.keyed.values():
-                for event in events:
-                    event.set()
-        else:
-            for event in self.keyed.get(data, ()):
-                event.set()
+    def deliver(self, data: str) -> None:
+        """Wake the plain waiters with `data`, and the keyed ones whose key starts it."""
+        for wake in self.waiters:
+            wake.news = data
+            wake.set()
+        key, _, news = data.partition(" ")
+        for wake in self.keyed.get(key, ()):
+            wake.news = news
+            wake.set()
+
+    def resubscribed(self) -> None:
+        """Wake every waiter to re-read: news may have been lost while unsubscribed."""
+        for wake in self.waiters:
+            wake.stale = True
+            wake.set()
+        for wakes in self.keyed.values():
+            for wake in wakes:
+                wake.stale = True
+                wake.set()
 
 
 class Multiplexer:
@@ -95,29 +123,30 @@ class Multiplexer:
         return len(self._channels)
 
     @asynccontextmanager
-    async def listen(self, channel: str, *, key: str | None = None) -> AsyncIterator[asyncio.Event]:
-        """Subscribe (sharing the connection) and yield an Event set on every wake-up.
+    async def listen(self, channel: str, *, key: str | None = None) -> AsyncIterator[Wake]:
+        """Subscribe (sharing the connection) and yield a Wake set on every wake-up.
 
-        With `key`, only the channel's messages whose data is `key` wake this waiter (and every
-        resubscription, as for all waiters): how many requests share a Gate's inbox.
+        With `key`, only the channel's messages whose data is `key`, or starts with `key` and a
+        space, wake this waiter (and every resubscription, as for all waiters): how many
+        requests share a Gate's inbox.
         """
         if self._closed:
             raise RuntimeError("the multiplexer is closed")
-        event = asyncio.Event()
+        wake = Wake()
         entry = self._channels.get(channel)
         if entry is None:
             entry = self._channels[channel] = _Channel()
-            entry.add(event, key)
+            entry.add(wake, key)
             self._start()
             if self._pubsub is not None:
                 await self._send("subscribe", channel)
         else:
-            entry.add(event, key)
+            entry.add(wake, key)
         try:
             await entry.confirmed.wait()
-            yield event
+            yield wake
         finally:
-            entry.discard(event, key)
+            entry.discard(wake, key)
             if entry.idle and entry.confirmed.is_set():
                 await self._drop(channel, entry)
 
@@ -207,11 +236,11 @@ class Multiplexer:
                 continue
             if kind == "message":
                 data = message.get("data")
-                entry.wake(data.decode() if isinstance(data, bytes) else str(data))
+                entry.deliver(data.decode() if isinstance(data, bytes) else str(data))
             elif kind == "subscribe":
                 entry.confirmed.set()
                 # After a reconnect this is the moment news may have been missed: re-read.
-                entry.wake()
+                entry.resubscribed()
                 if entry.idle:
                     await self._drop(channel, entry)  # type: ignore[arg-type]  # str checked above
 

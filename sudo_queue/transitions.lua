@@ -297,11 +297,29 @@ local function notify(rec, status)
   end
 end
 
--- The wake-up: on the request's channel (anyone waiting for it) and, if the Gate that created it
--- gave one, on that Gate's inbox, where the request id routes it to the waiting coroutine.
+-- The wake-up. On the request's channel (anyone waiting for it): the new status, plain. On the
+-- inbox of the Gate that created the request, if it gave one: '<request id> <JSON object>'. The
+-- id routes it to the waiting coroutine (sudo_queue/multiplexer.py); the object carries what
+-- that coroutine returns, so that it need not read the record (sudo_queue/gate.py): the
+-- WAKE_FIELDS exactly as the record now holds them, as strings, a field absent when unset. They
+-- are read back rather than taken from the caller, so that the message says what a read would
+-- (an approval without a reason keeps the policy's). No args, not even redacted ones. A message
+-- over WAKE_MAX_BYTES (a long reason) is the id alone, which makes the waiter read the record,
+-- as any message it cannot use does.
+local WAKE_FIELDS = {'status', 'args_digest', 'rule', 'reason', 'decided_by', 'decided_at',
+  'expires_at'}
+local WAKE_MAX_BYTES = 2048
 local function wake_up(rec, status)
   redis.call('PUBLISH', chan_prefix .. id, status)
-  if rec.inbox ~= '' then redis.call('PUBLISH', rec.inbox, id) end
+  if rec.inbox == '' then return end
+  local values = redis.call('HMGET', req, unpack(WAKE_FIELDS))
+  local news = {}
+  for i, name in ipairs(WAKE_FIELDS) do
+    if values[i] then news[name] = values[i] end
+  end
+  local message = id .. ' ' .. cjson.encode(news)
+  if #message > WAKE_MAX_BYTES then message = id end
+  redis.call('PUBLISH', rec.inbox, message)
 end
 
 local function finish(rec, status, actor, reason)

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import math
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
+import fakeredis
 import pytest
 import pytest_asyncio
 from redis.asyncio import Redis
@@ -18,9 +20,12 @@ from sudo_queue import (
     IdempotencyConflict,
     InvalidRequest,
     RequestDenied,
+    RequestRecord,
     Status,
     WaitTimeout,
 )
+from sudo_queue.gate import _inbox_news
+from sudo_queue.multiplexer import Wake
 from sudo_queue.policy import Policy, Verdict
 from sudo_queue.store import Store
 
@@ -290,3 +295,234 @@ def test_decision_str_is_readable() -> None:
     )
     assert str(decision) == "approved by alice (rule big) [request r1]"
     assert decision.granted
+
+
+# -- the inbox: a terminal wake-up carries the decision ----------------------------------------
+
+
+async def inbox_ready(gate: Gate) -> None:
+    """Wait until the Gate's inbox is confirmed, so that `request` waits on it."""
+    async with asyncio.timeout(5):
+        while True:
+            if await gate._mux.keep(gate._inbox):
+                return
+            await asyncio.sleep(0.01)
+
+
+def count_reads(gate: Gate, monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """The ids of the records `gate` reads from now on."""
+    reads: list[str] = []
+    real_get = gate.store.get
+
+    async def get(request_id: str, *, votes: bool = True) -> RequestRecord | None:
+        reads.append(request_id)
+        return await real_get(request_id, votes=votes)
+
+    monkeypatch.setattr(gate.store, "get", get)
+    return reads
+
+
+async def outcome(call: Awaitable[Decision]) -> Decision:
+    """The Decision a call returned or carried in RequestDenied."""
+    try:
+        return await call
+    except RequestDenied as exc:
+        return exc.decision
+
+
+async def next_queued(store: Store) -> str:
+    async with asyncio.timeout(5):
+        while True:
+            if ids := await store.open_ids(Status.QUEUED):
+                return ids[0]
+            await asyncio.sleep(0.005)
+
+
+async def park(
+    store: Store, request_id: str, *, min_approvals: int = 1, expires_in_s: float = 60
+) -> None:
+    """Turn a queued request pending, as the policy worker does."""
+    record = await store.get(request_id)
+    assert record is not None
+    await store.decide(
+        request_id,
+        status=Status.PENDING,
+        agent=record.agent,
+        resource=record.resource,
+        action=record.action,
+        args_digest=record.args_digest,
+        rule="big-charges",
+        reason="charges above 50 need a human",
+        policy_version="test",
+        actor="policy",
+        expires_in_s=expires_in_s,
+        approvers=["alice", "bob"],
+        min_approvals=min_approvals,
+    )
+
+
+Drive = Callable[[Store, str, "asyncio.Task[Decision]"], Awaitable[None]]
+
+
+async def allow(store: Store, request_id: str, waiter: asyncio.Task[Decision]) -> None:
+    await decide_as_policy(store, request_id, Status.ALLOWED)
+
+
+async def deny(store: Store, request_id: str, waiter: asyncio.Task[Decision]) -> None:
+    await decide_as_policy(store, request_id, Status.DENIED)
+
+
+async def approve_by_quorum(store: Store, request_id: str, waiter: asyncio.Task[Decision]) -> None:
+    await park(store, request_id, min_approvals=2)
+    await store.approve(request_id, actor="alice", reason="fine by me")
+    await asyncio.sleep(0.05)
+    assert not waiter.done(), "one vote of two must leave the agent waiting"
+    await store.approve(request_id, actor="bob")
+
+
+async def reject(store: Store, request_id: str, waiter: asyncio.Task[Decision]) -> None:
+    await park(store, request_id)
+    await store.reject(request_id, actor="U9", reason='customer "disputed" it: see a/b — é')
+
+
+async def reject_at_length(store: Store, request_id: str, waiter: asyncio.Task[Decision]) -> None:
+    await park(store, request_id)
+    await store.reject(request_id, actor="U9", reason="too long to travel by pub/sub " * 100)
+
+
+async def expire(store: Store, request_id: str, waiter: asyncio.Task[Decision]) -> None:
+    await park(store, request_id, expires_in_s=0.2)
+    await asyncio.sleep(0.2)
+    await store.expire(request_id)  # as the expiry job does, racing the waiter's own expire
+
+
+async def cancel(store: Store, request_id: str, waiter: asyncio.Task[Decision]) -> None:
+    await park(store, request_id)
+    await store.cancel(request_id, actor="billing-bot", reason="no longer needed")
+
+
+@pytest_asyncio.fixture(
+    params=["fakeredis", pytest.param("redis-server", marks=pytest.mark.redis_server)]
+)
+async def any_redis(request: pytest.FixtureRequest) -> AsyncIterator[Redis]:
+    """fakeredis, and a private redis-server: its Lua cjson is not fakeredis's."""
+    if request.param == "fakeredis":
+        client = fakeredis.FakeAsyncRedis(server=fakeredis.FakeServer(), decode_responses=True)
+    else:
+        client = Redis.from_url(request.getfixturevalue("redis_url"), decode_responses=True)
+    yield client
+    await client.aclose()
+
+
+@pytest.mark.parametrize(
+    ("drive", "status", "reads"),
+    [
+        (allow, Status.ALLOWED, 0),
+        (deny, Status.DENIED, 0),
+        (approve_by_quorum, Status.APPROVED, 0),
+        (reject, Status.REJECTED, 0),
+        (reject_at_length, Status.REJECTED, 1),  # over the message size bound: read instead
+        (expire, Status.EXPIRED, None),  # the waiter's own expire may win, then it reads
+        (cancel, Status.CANCELLED, 0),
+    ],
+    ids=lambda v: getattr(v, "__name__", None),
+)
+async def test_inbox_wake_up_returns_the_decision_the_record_holds(
+    any_redis: Redis,
+    monkeypatch: pytest.MonkeyPatch,
+    drive: Drive,
+    status: Status,
+    reads: int | None,
+) -> None:
+    """The Decision an inbox wake-up brings is, field by field, the one the record gives."""
+    store = Store(any_redis)
+    async with Gate(any_redis, agent="billing-bot") as gate:
+        await inbox_ready(gate)
+        read_ids = count_reads(gate, monkeypatch)
+        waiter = asyncio.create_task(
+            outcome(gate.request("stripe", "charge", {"amount": 5000}, timeout=10))
+        )
+        request_id = await next_queued(store)
+        await drive(store, request_id, waiter)
+        decision = await waiter
+    record = await store.get(request_id)
+    assert record is not None
+    assert decision.model_dump() == record.decision().model_dump()
+    assert decision.status is status
+    if reads is not None:
+        assert len(read_ids) == reads
+
+
+async def test_unusable_inbox_messages_never_grant(
+    gate: Gate, store: Store, fake_redis: Redis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Foreign or malformed inbox messages make the waiter read the record: none grants."""
+    await inbox_ready(gate)
+    reads = count_reads(gate, monkeypatch)
+    waiter = asyncio.create_task(gate.request("stripe", "charge", {"amount": 5000}, timeout=10))
+    request_id = await next_queued(store)
+    await park(store, request_id)
+    record = await store.get(request_id)
+    assert record is not None
+
+    def news(**fields: Any) -> str:
+        return f"{request_id} {json.dumps(fields)}"
+
+    allowed = {"status": "allowed", "args_digest": record.args_digest}
+    for message in [
+        request_id,  # the id alone
+        f"{request_id} not json",
+        f"{request_id} " + "[" * 100_000,
+        news(status="allowed"),  # no digest
+        news(status="allowed", args_digest="0" * 64),  # another request's args
+        news(**allowed, rule=7),  # not all strings
+        news(**allowed, decided_at="soon"),
+        news(status="granted", args_digest=record.args_digest),
+        f"{request_id} {json.dumps([allowed])}",
+    ]:
+        read_before = len(reads)
+        await fake_redis.publish(gate._inbox, message)
+        async with asyncio.timeout(5):
+            while True:  # the waiter reads the record instead
+                if len(reads) > read_before:
+                    break
+                await asyncio.sleep(0.005)
+        assert not waiter.done(), message[:80]
+    await store.reject(request_id, actor="U9")
+    with pytest.raises(RequestDenied) as info:
+        await waiter
+    assert info.value.decision.status is Status.REJECTED
+
+
+async def test_pending_news_after_a_resubscription_is_read_again() -> None:
+    """After a resubscription a pending message may be old news: only a terminal one stands."""
+    wake = Wake()
+
+    def inbox_news(status: str) -> Decision | None:
+        wake.news = json.dumps({"status": status, "args_digest": "d", "expires_at": "1"})
+        wake.stale = True
+        news = _inbox_news("r1", wake, "d")
+        return None if news is None else news[0]
+
+    assert inbox_news("pending") is None
+    decision = inbox_news("approved")
+    assert decision is not None
+    assert decision.status is Status.APPROVED
+
+
+@pytest.mark.redis_server
+async def test_inbox_waiter_rereads_after_a_reconnect(real_redis: Redis) -> None:
+    """A decision made while the inbox connection is down reaches the waiter by a re-read."""
+    store = Store(real_redis)
+    async with Gate(real_redis, agent="billing-bot") as gate:
+        await inbox_ready(gate)
+        waiter = asyncio.create_task(gate.request("stripe", "charge", {"amount": 5000}, timeout=10))
+        request_id = await next_queued(store)
+        await park(store, request_id)
+        await asyncio.sleep(0.05)  # the waiter has the pending news and is parked
+        await real_redis.client_kill_filter(_type="pubsub")
+        # The reader waits >= 50 ms before reconnecting: this approval's message reaches no one.
+        assert (await store.approve(request_id, actor="alice")).changed
+        decision = await waiter
+    assert (decision.status, decision.decided_by) == (Status.APPROVED, "alice")
+    assert gate._mux.reconnects >= 1

@@ -37,14 +37,42 @@ async def test_keyed_waiters_wake_only_for_their_key(mux: Multiplexer, fake_redi
         mux.listen("sq:inbox:x", key="a") as wake_a,
         mux.listen("sq:inbox:x", key="b") as wake_b,
     ):
+        wake_a.clear()  # set by the subscription's confirmation
         await fake_redis.publish("sq:inbox:x", "a")
         async with asyncio.timeout(2):
             await wake_a.wait()
         assert not wake_b.is_set()
+        assert wake_a.news == ""
         await fake_redis.publish("sq:inbox:x", "b")
         async with asyncio.timeout(2):
             await wake_b.wait()
     assert mux.channel_count == 0
+
+
+async def test_keyed_waiter_gets_the_news_after_its_key(
+    mux: Multiplexer, fake_redis: Redis
+) -> None:
+    """'<key> <news>' wakes the key's waiter with the news; a plain waiter gets it all."""
+    async with (
+        mux.listen("sq:inbox:n", key="a") as wake_a,
+        mux.listen("sq:inbox:n", key="b") as wake_b,
+        mux.listen("sq:inbox:n") as plain,
+    ):
+        wake_a.clear()  # set by the subscription's confirmation
+        await fake_redis.publish("sq:inbox:n", 'a {"status": "approved"}')
+        async with asyncio.timeout(2):
+            await wake_a.wait()
+            await plain.wait()
+        assert (wake_a.news, wake_a.stale) == ('{"status": "approved"}', False)
+        assert plain.news == 'a {"status": "approved"}'
+        assert not wake_b.is_set()
+        await fake_redis.publish("sq:inbox:n", "ab {}")  # a key is matched whole
+        await fake_redis.publish("sq:inbox:n", "b")
+        async with asyncio.timeout(2):
+            await wake_b.wait()
+        assert wake_a.news == '{"status": "approved"}'
+        wake_a.clear()
+        assert (wake_a.is_set(), wake_a.news) == (False, None)
 
 
 async def test_kept_channel_outlives_its_waiters(mux: Multiplexer, fake_redis: Redis) -> None:
@@ -118,19 +146,23 @@ async def test_reattached_request_is_woken_on_its_own_channel(
 
 @pytest.mark.redis_server
 async def test_reconnect_wakes_every_keyed_waiter(real_redis: Redis) -> None:
-    """A killed pub/sub connection comes back and wakes every waiter of the inbox to re-read."""
+    """A killed pub/sub connection comes back and wakes every waiter of the inbox, stale."""
     mux = Multiplexer(real_redis)
     try:
         async with (
             mux.listen("sq:inbox:z", key="a") as wake_a,
             mux.listen("sq:inbox:z", key="b") as wake_b,
         ):
-            wake_a.clear()
+            await real_redis.publish("sq:inbox:z", "a old news")
+            async with asyncio.timeout(5):
+                await wake_a.wait()
             wake_b.clear()
             await real_redis.client_kill_filter(_type="pubsub")
             async with asyncio.timeout(5):
-                await wake_a.wait()
-                await wake_b.wait()
+                await wake_b.wait()  # the resubscription wakes every waiter at once
+            # The news from before the gap is kept, but marked stale: the waiter re-reads.
+            assert (wake_a.is_set(), wake_a.news) == (True, "old news")
+            assert (wake_b.is_set(), wake_b.news) == (True, None)
         assert mux.reconnects >= 1
     finally:
         await mux.aclose()
