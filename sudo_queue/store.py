@@ -253,8 +253,9 @@ class Store:
     ) -> CreateResult:
         """Create a queued request and enqueue its evaluation, or find the one `key` names.
 
-        `inbox` (a `Keys.inbox` channel) also gets the request id on every transition of a
-        request created here, so that one subscription serves all of a Gate's waits.
+        `inbox` (a `Keys.inbox` channel) also gets the request id and its decision fields on
+        every transition of a request created here (transitions.lua's `wake_up`), so that one
+        subscription serves all of a Gate's waits and a decided waiter needs no read.
         """
         if inbox and not inbox.startswith(self.keys.inbox_prefix):
             raise ValueError(f"inbox {inbox!r} is not a channel of namespace {self.keys.namespace}")

@@ -16,9 +16,11 @@ from typing import Any
 import pytest
 from arq import Retry
 from arq.connections import ArqRedis, RedisSettings, create_pool
+from arq.constants import abort_jobs_ss, in_progress_key_prefix, job_key_prefix, retry_key_prefix
+from arq.utils import timestamp_ms
 from arq.worker import func
 
-from sudo_queue.workers.runner import WakeableWorker, json_dumps, json_loads
+from sudo_queue.workers.runner import CLAIM_SCRIPT, WakeableWorker, json_dumps, json_loads
 
 pytestmark = pytest.mark.redis_server
 
@@ -30,6 +32,7 @@ async def running(
     pool: ArqRedis, functions: list[Callable[..., Awaitable[Any]]], name: str = "w", **kwargs: Any
 ) -> AsyncIterator[WakeableWorker]:
     """A WakeableWorker on the pool's queue, running in this event loop until the block ends."""
+    kwargs.setdefault("keep_result", 0)
     worker = WakeableWorker(
         functions=[func(f, name=f.__name__) for f in functions],
         queue_name=pool.default_queue_name,
@@ -39,7 +42,6 @@ async def running(
         ),
         poll_delay=POLL_S,
         handle_signals=False,
-        keep_result=0,
         job_serializer=json_dumps,
         job_deserializer=json_loads,
         ctx={"name": name},
@@ -141,6 +143,135 @@ async def test_retry_is_deferred_and_runs_again(pool: ArqRedis) -> None:
         async with asyncio.timeout(5):
             await done.wait()
     assert tries == [1, 2]
+
+
+async def until(condition: Callable[[], Awaitable[bool]]) -> None:
+    """Wait until Redis shows what a worker did (in keys: there is no event to wait on)."""
+    async with asyncio.timeout(5):
+        while True:
+            if await condition():
+                return
+            await asyncio.sleep(0.01)
+
+
+async def queue_empty(pool: ArqRedis) -> None:
+    """Wait until the worker has dealt with every job of the queue (run, failed or dropped)."""
+    await until(lambda: _is_zero(pool.zcard(pool.default_queue_name)))
+
+
+async def _is_zero(count: Awaitable[int]) -> bool:
+    return await count == 0
+
+
+async def job_keys(pool: ArqRedis, job_id: str) -> list[str]:
+    """The arq keys a job still has (none once it is finished or failed)."""
+    prefixes = (job_key_prefix, retry_key_prefix, in_progress_key_prefix)
+    return [p for p in prefixes if await pool.exists(p + job_id)]
+
+
+async def test_tries_are_counted_until_max_tries(pool: ArqRedis) -> None:
+    """Each retry runs with the next job_try; after max_tries the job fails and runs no more."""
+    tries: list[int] = []
+
+    async def stubborn(ctx: dict[str, Any]) -> None:
+        tries.append(ctx["job_try"])
+        raise Retry(defer=0.01)
+
+    async with running(pool, [stubborn], max_tries=3) as worker:
+        await blocked_workers(pool, 1)
+        job = await pool.enqueue_job("stubborn")
+        assert job is not None
+        await pool.lpush(wake_key(pool), "1")
+        await queue_empty(pool)
+    assert tries == [1, 2, 3]
+    assert worker.jobs_failed == 1
+    assert await job_keys(pool, job.job_id) == []
+
+
+async def test_enqueued_try_count_reaches_the_job(pool: ArqRedis) -> None:
+    """A job re-enqueued with `_job_try=3` (arq's way to carry tries over) runs as try 3."""
+    tries: list[int] = []
+    ran = asyncio.Event()
+
+    async def again(ctx: dict[str, Any]) -> None:
+        tries.append(ctx["job_try"])
+        ran.set()
+
+    async with running(pool, [again]):
+        await blocked_workers(pool, 1)
+        await pool.enqueue_job("again", _job_try=3)
+        await pool.lpush(wake_key(pool), "1")
+        async with asyncio.timeout(5):
+            await ran.wait()
+    assert tries == [3]
+
+
+async def test_job_whose_payload_vanished_fails(pool: ArqRedis) -> None:
+    """A queued job whose job key expired never runs: arq fails it and clears its keys."""
+    ran = False
+
+    async def gone(ctx: dict[str, Any]) -> None:
+        nonlocal ran
+        ran = True
+
+    async with running(pool, [gone]) as worker:
+        await blocked_workers(pool, 1)
+        job = await pool.enqueue_job("gone")
+        assert job is not None
+        await pool.delete(job_key_prefix + job.job_id)
+        await pool.lpush(wake_key(pool), "1")
+        await queue_empty(pool)
+    assert not ran
+    assert worker.jobs_failed == 1
+    assert await job_keys(pool, job.job_id) == []
+
+
+async def test_job_aborted_before_it_starts_never_runs(pool: ArqRedis) -> None:
+    """With aborting allowed, a job aborted while queued fails at its claim and never runs."""
+    ran = False
+
+    async def doomed(ctx: dict[str, Any]) -> None:
+        nonlocal ran
+        ran = True
+
+    async with running(pool, [doomed], allow_abort_jobs=True) as worker:
+        await blocked_workers(pool, 1)
+        job = await pool.enqueue_job("doomed")
+        assert job is not None
+        await pool.zadd(abort_jobs_ss, {job.job_id: timestamp_ms()})
+        await pool.lpush(wake_key(pool), "1")
+        await queue_empty(pool)
+    assert not ran
+    assert worker.jobs_failed == 1
+    assert await pool.zscore(abort_jobs_ss, job.job_id) is None
+    assert await job_keys(pool, job.job_id) == []
+
+
+async def test_job_of_a_worker_that_died_runs_again_as_the_next_try(pool: ArqRedis) -> None:
+    """A job claimed by a worker that died runs again once its lock expires, as try 2."""
+    tries: list[int] = []
+    ran = asyncio.Event()
+
+    async def survivor(ctx: dict[str, Any]) -> None:
+        tries.append(ctx["job_try"])
+        ran.set()
+
+    job = await pool.enqueue_job("survivor")
+    assert job is not None
+    keys = [pool.default_queue_name, wake_key(pool), abort_jobs_ss]
+    args = [in_progress_key_prefix, 50, 1, 100, job_key_prefix, retry_key_prefix, 88400, "0"]
+
+    async def dead_worker_claims() -> bool:
+        """The dead worker's claim: it locks the job for 50 ms and counts its try."""
+        claimed, _ = await pool.eval(CLAIM_SCRIPT, len(keys), *keys, *args)  # type: ignore[no-untyped-call]
+        return bool(claimed)  # the job is due from the Redis clock's next millisecond on
+
+    await until(dead_worker_claims)
+    await until(lambda: _is_zero(pool.exists(in_progress_key_prefix + job.job_id)))
+    async with running(pool, [survivor]):  # its first look finds the job
+        async with asyncio.timeout(5):
+            await ran.wait()
+    assert tries == [2]
 
 
 async def test_two_workers_run_each_job_once(pool: ArqRedis) -> None:

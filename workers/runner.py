@@ -8,17 +8,26 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import json
 import signal
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 
 import structlog
 from arq import Worker
-from arq.connections import create_pool
-from arq.constants import in_progress_key_prefix
-from redis.exceptions import RedisError
+from arq.connections import ArqRedis, create_pool
+from arq.constants import (
+    abort_jobs_ss,
+    in_progress_key_prefix,
+    job_key_prefix,
+    result_key_prefix,
+    retry_key_prefix,
+)
+from arq.utils import to_ms
+from redis.asyncio.connection import AbstractConnection
+from redis.exceptions import NoScriptError, RedisError
 
 __all__ = [
     "CLAIM_SCRIPT",
@@ -33,6 +42,8 @@ log = structlog.get_logger(__name__)
 
 # Seconds an in-flight job gets to finish after SIGTERM before arq hands it back to the queue.
 STOP_GRACE_S = 5.0
+# The TTL arq's run_job gives a job's retry key (a literal there, not in arq.constants).
+RETRY_KEY_TTL_S = 88400
 
 
 def json_dumps(value: Any) -> bytes:
@@ -48,30 +59,48 @@ def json_loads(raw: bytes | str) -> Any:
 # Claims due jobs for one worker in one atomic step. arq's own start_jobs takes four round trips
 # per listed job (WATCH, EXISTS, ZSCORE, MULTI/EXEC) and lists jobs that other workers are
 # running; this does the same check-and-lock (arq's in-progress key, same value and timeout)
-# for a batch, server-side. The wake-up tokens are consumed here: a token only means "look at
-# the queue now", and this is the look. If the worker had fewer free slots than there are
+# for a batch, server-side. It also does, for each job it locks, what arq's run_job would do in
+# its own first round trip: read the job, count the try (INCR, and the retry key's TTL) and take
+# the job out of the abort set (only when the worker may abort jobs); run_job then uses these
+# replies (see `_ClaimedRead`). The wake-up tokens are consumed here: a token only means "look
+# at the queue now", and this is the look. If the worker had fewer free slots than there are
 # claimable jobs, one token goes back so that another worker wakes for the rest. It also returns
 # the milliseconds until the next deferred job (an expiry, a retry), so the worker blocks until
 # then instead of finding it at its next fallback poll.
-#   KEYS: 1 arq queue (sorted set), 2 its wake-up list
+#   KEYS: 1 arq queue (sorted set), 2 its wake-up list, 3 arq's abort set
 #   ARGV: 1 arq in-progress key prefix, 2 in-progress timeout (ms), 3 most jobs to claim,
-#         4 most due entries to look at (arq's queue_read_limit)
+#         4 most due entries to look at (arq's queue_read_limit), 5 arq job key prefix,
+#         6 arq retry key prefix, 7 retry key TTL (s), 8 "1" if the worker may abort jobs
+#   returns: {claimed, wait}: claimed is, per job, id, score, payload (nil if gone), try and 1 if
+#            it was aborted; wait is the milliseconds until the next deferred job, or -1
 CLAIM_SCRIPT = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local want = tonumber(ARGV[3])
 local due = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now, 'WITHSCORES', 'LIMIT', 0, ARGV[4])
-local claimed, left = {}, false
+local claimed, n, left = {}, 0, false
 for i = 1, #due, 2 do
-  local lock = ARGV[1] .. due[i]
-  if #claimed >= 2 * want then
+  local id = due[i]
+  local lock = ARGV[1] .. id
+  if n >= want then
     if redis.call('EXISTS', lock) == 0 then
       left = true
       break
     end
   elseif redis.call('SET', lock, '1', 'NX', 'PX', ARGV[2]) then
-    claimed[#claimed + 1] = due[i]
-    claimed[#claimed + 1] = due[i + 1]
+    n = n + 1
+    local retry = ARGV[6] .. id
+    local tries = redis.call('INCR', retry)
+    redis.call('EXPIRE', retry, ARGV[7])
+    local aborted = 0
+    if ARGV[8] == '1' then aborted = redis.call('ZREM', KEYS[3], id) end
+    -- A job whose key is gone (it expired) reads as false: a nil in the reply.
+    local base = 5 * (n - 1)
+    claimed[base + 1] = id
+    claimed[base + 2] = due[i + 1]
+    claimed[base + 3] = redis.call('GET', ARGV[5] .. id)
+    claimed[base + 4] = tries
+    claimed[base + 5] = aborted
   end
 end
 redis.call('DEL', KEYS[2])
@@ -83,25 +112,125 @@ return {claimed, tostring(wait_ms)}
 """
 
 
+class _ClaimedRead:
+    """run_job's opening pipeline, answered with what the claim script already did and read.
+
+    arq's run_job (the same in 0.26 to 0.28) opens with one MULTI round trip: GET the job, INCR
+    and EXPIRE its retry key, and ZREM it from the abort set if the worker may abort jobs. The
+    claim script does exactly that as it locks the job, so a claimed job's run_job gets this
+    stand-in for that one pipeline (see `WakeableWorker.pool`). That is less fragile than a copy
+    of arq's 200-line run_job: all that follows the read (an expired job, `enqueue_job_try`,
+    `max_tries`, aborts, retries, finish_job) stays arq's own code. The stand-in checks that
+    run_job asks for exactly what the claim did; an arq that reads otherwise fails loudly (the
+    job's task raises and the worker stops, the job's lock left to expire so that it runs
+    again) instead of running jobs with a wrong try count.
+    """
+
+    def __init__(
+        self, job_id: str, payload: bytes | None, job_try: int, aborted: int, *, abortable: bool
+    ) -> None:
+        retry_key = retry_key_prefix + job_id
+        self._expected: list[tuple[Any, ...]] = [
+            ("get", job_key_prefix + job_id),
+            ("incr", retry_key, 1),
+            ("expire", retry_key, RETRY_KEY_TTL_S),
+        ]
+        self._replies: list[Any] = [payload, job_try, True]
+        if abortable:
+            self._expected.append(("zrem", abort_jobs_ss, job_id))
+            self._replies.append(aborted)
+        self._queued: list[tuple[Any, ...]] = []
+
+    def pipeline(self, transaction: bool = True) -> _ClaimedRead:
+        return self
+
+    async def __aenter__(self) -> _ClaimedRead:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        return None
+
+    def get(self, name: str) -> None:
+        self._queued.append(("get", name))
+
+    def incr(self, name: str, amount: int = 1) -> None:
+        self._queued.append(("incr", name, amount))
+
+    def expire(self, name: str, time: int) -> None:
+        self._queued.append(("expire", name, time))
+
+    def zrem(self, name: str, *values: str) -> None:
+        self._queued.append(("zrem", name, *values))
+
+    async def execute(self) -> list[Any]:
+        if self._queued != self._expected:
+            raise RuntimeError(
+                f"arq's run_job read {self._queued!r} where the claim script did"
+                f" {self._expected!r}: this arq release is not supported (see pyproject.toml)"
+            )
+        return self._replies
+
+
+# arq's finish_job (the same in 0.26 to 0.28) as one script instead of a MULTI of up to six
+# commands, and with the wake-up token that a job put back needs (see WakeableWorker.finish_job)
+# in the same step.
+#   KEYS: 1 arq queue, 2 its wake-up list, 3 arq's abort set, 4 the job's in-progress key,
+#         5 its retry key, 6 its job key, 7 its result key
+#   ARGV: 1 job id, 2 "1" if the job is finished (else it goes back to the queue), 3 ms to keep
+#         the in-progress key for ("" to delete it), 4 ms to add to the job's score ("" for
+#         none), 5 the result to keep ("" for none), 6 its lifetime in ms ("" for no expiry)
+FINISH_SCRIPT = """
+if ARGV[3] == '' then
+  redis.call('DEL', KEYS[4])
+else
+  redis.call('PEXPIRE', KEYS[4], ARGV[3])
+end
+if ARGV[2] == '1' then
+  if ARGV[5] ~= '' then
+    if ARGV[6] == '' then
+      redis.call('SET', KEYS[7], ARGV[5])
+    else
+      redis.call('SET', KEYS[7], ARGV[5], 'PX', ARGV[6])
+    end
+  end
+  redis.call('DEL', KEYS[5], KEYS[6])
+  redis.call('ZREM', KEYS[3], ARGV[1])
+  redis.call('ZREM', KEYS[1], ARGV[1])
+else
+  if ARGV[4] ~= '' then redis.call('ZINCRBY', KEYS[1], ARGV[4], ARGV[1]) end
+  redis.call('LPUSH', KEYS[2], '1')
+  redis.call('LTRIM', KEYS[2], 0, 15)
+end
+"""
+
+
+# The claim's replies for the job a task runs, until run_job takes them (see WakeableWorker.pool).
+_claimed_read: contextvars.ContextVar[_ClaimedRead | None] = contextvars.ContextVar(
+    "sudo_queue_claimed_read", default=None
+)
+
+
 class WakeableWorker(Worker):
     """An arq Worker that is woken by the enqueue itself instead of polling every `poll_delay`.
 
     The store pushes a token on `<queue>:wake` in the same atomic step that enqueues a job (and
     so does this worker when arq defers a retry or hands a job back); an idle worker blocks on
     that list (BLPOP) and picks new work within a round trip. One claim script replaces arq's
-    per-job locking round trips (`CLAIM_SCRIPT`). An idle worker blocks until the next deferred
-    job is due or `poll_delay` passes: the fallback for jobs that come without a token (enqueued
-    by other code through arq, or left by a worker that died mid-job once their in-progress key
-    expires). A full worker waits for a free slot instead of polling. Running a claimed job is
-    arq's own `run_job`/`finish_job`: retries, `max_tries`, timeouts, deferral and at-least-once
-    delivery are unchanged.
+    per-job locking round trips and the read that opens arq's run_job (`CLAIM_SCRIPT`). An idle
+    worker blocks until the next deferred job is due or `poll_delay` passes: the fallback for
+    jobs that come without a token (enqueued by other code through arq, or left by a worker that
+    died mid-job once their in-progress key expires). A full worker waits for a free slot
+    instead of polling. Running a claimed job is arq's own `run_job`/`finish_job`: retries,
+    `max_tries`, timeouts, deferral and at-least-once delivery are unchanged.
     """
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._wake_key = f"{self.queue_name}:wake"
         self._slot_free = asyncio.Event()
-        self._next_due_s: float = self.poll_delay_s
+        # When the next deferred job is due (time.monotonic()), as the last claim saw it.
+        self._next_due_at = time.monotonic() + self.poll_delay_s
+        self._blocking: AbstractConnection | None = None
         self._stopped = False
 
     def handle_sig(self, signum: signal.Signals) -> None:
@@ -109,6 +238,18 @@ class WakeableWorker(Worker):
         # as an awaited future completes), and a worker that ignores SIGTERM is worse than slow.
         self._stopped = True
         super().handle_sig(signum)
+
+    @property
+    def pool(self) -> ArqRedis:
+        # In a job's task started by a claim, the first use of the pool is run_job's opening
+        # read, and it gets the claim's replies (_ClaimedRead); the variable is emptied as it is
+        # taken, so all later uses, the job function's own task (whose context is copied after
+        # this) and every other task get the real pool.
+        claimed = _claimed_read.get()
+        if claimed is not None:
+            _claimed_read.set(None)
+            return cast("ArqRedis", claimed)
+        return cast("ArqRedis", self._pool)
 
     def _health_due_s(self) -> float:
         """Seconds until arq's health key must be rewritten (its TTL is the interval + 1 s)."""
@@ -127,36 +268,46 @@ class WakeableWorker(Worker):
         if self.on_startup:
             await self.on_startup(self.ctx)
         self._claim = self.pool.register_script(CLAIM_SCRIPT)
+        self._finish = self.pool.register_script(FINISH_SCRIPT)
+        # The first look is a claim of its own: it finds the work enqueued while no worker ran,
+        # and loads the script that every later look sends right behind its BLPOP.
+        await self._housekeeping(claim=True)
         while not self._stopped:
-            await self._poll_iteration()
             # Woken by a token for new work; otherwise blocked until the next deferred job, the
             # next health-key write (so `doctor` never sees a live worker as gone), or the
             # fallback poll, whichever comes first.
-            block_s = max(min(self.poll_delay_s, self._next_due_s, self._health_due_s()), 0.001)
+            block_s = max(
+                min(
+                    self.poll_delay_s,
+                    self._next_due_at - time.monotonic(),
+                    self._health_due_s(),
+                ),
+                0.001,
+            )
             if self.allow_pick_jobs and self.job_counter < self.max_jobs:
-                # BLPOP takes fractional seconds since Redis 6 (never 0 here: that blocks forever).
-                await self.pool.execute_command(  # type: ignore[no-untyped-call]  # untyped in redis-py
-                    "BLPOP", self._wake_key, block_s
-                )
+                await self._block_then_claim(block_s)
             else:
+                # A full worker takes no token: another worker gets it, or this one once a slot
+                # is free (the token is still there then, and its BLPOP returns at once).
                 self._slot_free.clear()
                 # Not wait_for: on Python 3.11 it swallows a cancel (arq's stop) that lands as
                 # the event is set, which is exactly when a stopping worker's last job ends.
                 with contextlib.suppress(TimeoutError):
                     async with asyncio.timeout(block_s):
                         await self._slot_free.wait()
+            await self._housekeeping(claim=False)
 
-    async def _poll_iteration(self) -> None:
-        """arq's poll iteration with the claim script in place of listing and locking each job.
+    async def _housekeeping(self, *, claim: bool) -> None:
+        """The rest of arq's poll iteration: heart beat, aborted jobs, finished tasks.
 
-        The heart beat (health key, cron enqueues) comes first, so that the claim already sees
-        a cron job it enqueued and blocks until that one is due.
+        The claim itself travels with the BLPOP (`_block_then_claim`); this one claims only if
+        told to, or if the heart beat enqueued a cron job (arq does that without a token), so
+        that the worker learns when that job is due and wakes for it.
         """
+        cron_runs = [job.next_run for job in self.cron_jobs]
         await self.heart_beat()
-        if self.allow_pick_jobs:
-            # A full worker claims nothing, but its look hands due work it cannot take to
-            # another worker (a token) and learns when the next deferred job is due.
-            await self._claim_jobs(max(self.max_jobs - self.job_counter, 0))
+        if claim or cron_runs != [job.next_run for job in self.cron_jobs]:
+            await self._claim_jobs()
         if self.allow_abort_jobs:
             await self._cancel_aborted_jobs()
         for job_id, task in list(self.tasks.items()):
@@ -164,26 +315,83 @@ class WakeableWorker(Worker):
                 del self.tasks[job_id]
                 task.result()  # as arq does: an error in run_job itself surfaces here
 
-    async def _claim_jobs(self, free: int) -> None:
-        claimed, wait_ms = await self._claim(
-            keys=[self.queue_name, self._wake_key],
-            args=[
-                in_progress_key_prefix,
-                int(self.in_progress_timeout_s * 1000),
-                free,
-                self.queue_read_limit,
-            ],
+    def _claim_keys(self) -> list[str]:
+        return [self.queue_name, self._wake_key, abort_jobs_ss]
+
+    def _claim_args(self) -> list[Any]:
+        """CLAIM_SCRIPT's arguments: as many jobs as there are free slots (none if stopping)."""
+        free = max(self.max_jobs - self.job_counter, 0) if self.allow_pick_jobs else 0
+        return [
+            in_progress_key_prefix,
+            int(self.in_progress_timeout_s * 1000),
+            free,
+            self.queue_read_limit,
+            job_key_prefix,
+            retry_key_prefix,
+            RETRY_KEY_TTL_S,
+            "1" if self.allow_abort_jobs else "0",
+        ]
+
+    async def _block_then_claim(self, block_s: float) -> None:
+        """BLPOP on the wake-up list, then claim: both in one round trip.
+
+        Both commands go out together on a connection of the worker's own (not the pool's: it
+        is blocked most of the time). Redis runs the claim as soon as the BLPOP returns (with a
+        token, or with nil when the block times out), without waiting for this process to see
+        the token and ask, which saves a round trip on every job's way. The free slots it claims
+        for are counted when it is sent: slots only free up while the worker blocks, so that is
+        never too many.
+        """
+        if self._blocking is None:
+            self._blocking = self.pool.connection_pool.make_connection()  # type: ignore[no-untyped-call]  # untyped in redis-py
+        conn = self._blocking
+        # BLPOP takes fractional seconds since Redis 6 (never 0 here: that blocks forever).
+        blpop = ("BLPOP", self._wake_key, block_s)
+        keys = self._claim_keys()
+        claim = ("EVALSHA", self._claim.sha, len(keys), *keys, *self._claim_args())
+        await conn.send_packed_command(conn.pack_commands([blpop, claim]))
+        # A failure or a cancel while reading closes the connection (redis-py does that), so
+        # no late reply reaches a later command, and a claim Redis has not run yet never runs.
+        await conn.read_response()
+        try:
+            reply = await conn.read_response()
+        except NoScriptError:
+            # Redis lost its scripts (a restart, SCRIPT FLUSH): a claim of its own loads it.
+            await self._claim_jobs()
+        else:
+            await self._start_claimed(reply)
+
+    async def _claim_jobs(self) -> None:
+        """A claim on its own: at the start, after a cron enqueue, after a script flush."""
+        await self._start_claimed(
+            await self._claim(keys=self._claim_keys(), args=self._claim_args())
         )
+
+    async def _start_claimed(self, reply: list[Any]) -> None:
+        """Start a task for each job of a claim's reply, and note when the next job is due."""
+        claimed, wait_ms = reply
         wait_s = int(wait_ms) / 1000
-        self._next_due_s = self.poll_delay_s if wait_s < 0 else wait_s
-        for raw_id, raw_score in zip(claimed[::2], claimed[1::2], strict=True):
+        self._next_due_at = time.monotonic() + (self.poll_delay_s if wait_s < 0 else wait_s)
+        for i in range(0, len(claimed), 5):
+            raw_id, raw_score, payload, job_try, aborted = claimed[i : i + 5]
             job_id = raw_id.decode()
-            # At most `free` jobs were claimed, so this never waits; arq's bookkeeping follows.
+            if not self.allow_pick_jobs:
+                # Told to stop while the claim was on its way: hand the job back untouched, as
+                # arq does with a job that a stop cancels (the try counts, as it does there).
+                await self.finish_job(job_id, False, None, None, False, None, None)
+                continue
+            read = _ClaimedRead(job_id, payload, job_try, aborted, abortable=self.allow_abort_jobs)
+            # At most the free slots were claimed, so this never waits; arq's bookkeeping follows.
             await self.sem.acquire()
             self.job_counter += 1
-            task = self.loop.create_task(self.run_job(job_id, int(float(raw_score))))
+            task = self.loop.create_task(self._run_claimed(job_id, int(float(raw_score)), read))
             task.add_done_callback(lambda _: self._release_sem_dec_counter_on_complete())
             self.tasks[job_id] = task
+
+    async def _run_claimed(self, job_id: str, score: int, read: _ClaimedRead) -> None:
+        # Set in this task's own context: only this job's run_job sees it.
+        _claimed_read.set(read)
+        await self.run_job(job_id, score)
 
     def _release_sem_dec_counter_on_complete(self) -> None:
         super()._release_sem_dec_counter_on_complete()
@@ -199,22 +407,40 @@ class WakeableWorker(Worker):
         incr_score: int | None,
         keep_in_progress: float | None,
     ) -> None:
-        await super().finish_job(
-            job_id,
-            finish,
-            result_data,
-            result_timeout_s,
-            keep_result_forever,
-            incr_score,
-            keep_in_progress,
+        """arq's finish_job in one script (FINISH_SCRIPT), with a token for a job put back.
+
+        arq puts a job back (a Retry, deferred by incr_score, or handed back at shutdown)
+        without a token; the script pushes one, so that a worker wakes and runs the job when it
+        is due.
+        """
+        expire = None if keep_result_forever else result_timeout_s
+        await self._finish(
+            keys=[
+                self.queue_name,
+                self._wake_key,
+                abort_jobs_ss,
+                in_progress_key_prefix + job_id,
+                retry_key_prefix + job_id,
+                job_key_prefix + job_id,
+                result_key_prefix + job_id,
+            ],
+            args=[
+                job_id,
+                "1" if finish else "0",
+                "" if keep_in_progress is None else to_ms(keep_in_progress),
+                incr_score or "",
+                result_data if finish and result_data else "",
+                "" if expire is None else to_ms(expire),
+            ],
         )
-        if not finish:
-            # arq put the job back (a Retry, deferred by incr_score, or handed back at
-            # shutdown) without any token: wake a worker, which then runs it when it is due.
-            async with self.pool.pipeline(transaction=False) as pipe:
-                pipe.lpush(self._wake_key, "1")
-                pipe.ltrim(self._wake_key, 0, 15)
-                await pipe.execute()
+
+    async def close(self) -> None:
+        try:
+            await super().close()
+        finally:
+            if self._blocking is not None:
+                await self._blocking.disconnect()
+                self._blocking = None
 
     async def run_job(self, job_id: str, score: int) -> None:
         # Each job runs in a task of its own: this binding reaches every line logged while the
