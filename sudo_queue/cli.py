@@ -584,6 +584,24 @@ def build_parser(settings: Settings) -> argparse.ArgumentParser:
     return parser
 
 
+def _run(coroutine: Coroutine[Any, Any, int], *, uvloop_if_installed: bool) -> int:
+    """`asyncio.run`, on a uvloop event loop if asked for and uvloop is installed.
+
+    The policy worker asks: uvloop costs it less CPU per decision than asyncio's own loop (see
+    `python -m bench latency`). Without uvloop it runs the same on asyncio's loop.
+    """
+    loop_factory: Callable[[], asyncio.AbstractEventLoop] | None = None
+    if uvloop_if_installed:
+        try:
+            import uvloop
+        except ImportError:
+            pass
+        else:
+            loop_factory = uvloop.new_event_loop
+    with asyncio.Runner(loop_factory=loop_factory) as runner:
+        return runner.run(coroutine)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `sudo-queue` console script."""
     try:
@@ -597,7 +615,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         outcome = handler(args)
         if asyncio.iscoroutine(outcome):
-            return asyncio.run(outcome)
+            return _run(outcome, uvloop_if_installed=handler is cmd_worker)
         return int(outcome)
     except CommandError as exc:
         sys.stderr.write(f"sudo-queue: {exc}\n")

@@ -335,12 +335,13 @@ class Gate:
                 wake.clear()
                 if news is None:
                     news = await self._read(request_id)
-                # A parked waiter keeps a Decision at most, never a record (with up to 64 KiB
-                # of args): 10,000 of them must stay small.
                 decision, expires_at = news
                 if decision.status.terminal:
                     return decision
+                # A parked waiter keeps its status and deadline, neither the record (with up
+                # to 64 KiB of args) nor a Decision: 10,000 of them must stay small.
                 status = decision.status
+                del news, decision
             sleep_for: float | None = _QUEUED_RECHECK_S if status is Status.QUEUED else None
             if status is Status.PENDING and expires_at is not None:
                 sleep_for = expires_at.timestamp() - time.time()

@@ -6,6 +6,7 @@ audit entry, any follow-up arq job and the pub/sub wake-up happen together or no
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 from dataclasses import dataclass
@@ -336,11 +337,10 @@ class Store:
             "notify": json.dumps([list(n) for n in notify]) if notify else "",
         }
         redacted = None
+        # Args no policy could read (a planted job): the script hashes the body itself.
         if args_json is not None:
-            try:
+            with contextlib.suppress(ValueError, RecursionError):
                 redacted = self.redacted_args(args_json)["redacted_digest"]
-            except (ValueError, RecursionError):
-                pass  # args no policy could read (a planted job): the script hashes the body
         if redacted is not None:
             request = {
                 "agent": agent,

@@ -9,17 +9,20 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import signal
+import sys
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
-from arq import Retry
+from arq import Retry, cron
 from arq.connections import ArqRedis, RedisSettings, create_pool
 from arq.constants import abort_jobs_ss, in_progress_key_prefix, job_key_prefix, retry_key_prefix
 from arq.utils import timestamp_ms
 from arq.worker import func
 
+from sudo_queue import cli
 from sudo_queue.workers.runner import CLAIM_SCRIPT, WakeableWorker, json_dumps, json_loads
 
 pytestmark = pytest.mark.redis_server
@@ -274,6 +277,76 @@ async def test_job_of_a_worker_that_died_runs_again_as_the_next_try(pool: ArqRed
     assert tries == [2]
 
 
+async def test_kept_result_can_be_read(pool: ArqRedis) -> None:
+    """With keep_result, arq's Job.result() reads what the job returned (finishes are batched)."""
+
+    async def answer(ctx: dict[str, Any], n: int) -> int:
+        return n * 2
+
+    async with running(pool, [answer], keep_result=10):
+        await blocked_workers(pool, 1)
+        jobs = [await pool.enqueue_job("answer", n) for n in range(5)]
+        await pool.lpush(wake_key(pool), "1")
+        results = [await job.result(timeout=5, poll_delay=0.01) for job in jobs if job]
+    assert results == [0, 2, 4, 6, 8]
+
+
+async def test_cron_job_enqueued_between_wake_ups_runs_when_due(pool: ArqRedis) -> None:
+    """A cron job that the heart beat enqueues (arq pushes no token) runs at its second."""
+    runs = 0
+    second_run = asyncio.Event()
+
+    async def tick(ctx: dict[str, Any]) -> None:
+        nonlocal runs
+        runs += 1
+        if runs == 2:
+            second_run.set()
+
+    every_second = cron(tick, name="tick", second=set(range(60)), run_at_startup=True)  # type: ignore[arg-type]
+    async with running(pool, [], cron_jobs=[every_second]):
+        await blocked_workers(pool, 1)  # the start-up run is claimed; the next is a second away
+        await pool.lpush(wake_key(pool), "1")  # a wake-up whose heart beat enqueues that one
+        async with asyncio.timeout(5):
+            await second_run.wait()
+
+
+async def test_claim_survives_a_script_flush(pool: ArqRedis) -> None:
+    """Redis losing its scripts (a restart, SCRIPT FLUSH) while the worker blocks loses no job."""
+    ran = asyncio.Event()
+
+    async def job(ctx: dict[str, Any]) -> None:
+        ran.set()
+
+    async with running(pool, [job]):
+        await blocked_workers(pool, 1)
+        await pool.script_flush()
+        await enqueue(pool, "job")
+        async with asyncio.timeout(5):
+            await ran.wait()
+
+
+async def test_stopping_worker_hands_back_what_its_claim_took(pool: ArqRedis) -> None:
+    """A job claimed just as its worker was told to stop never starts there: another runs it."""
+    runs: list[tuple[str, int]] = []
+    ran = asyncio.Event()
+
+    async def job(ctx: dict[str, Any]) -> None:
+        runs.append((ctx["name"], ctx["job_try"]))
+        ran.set()
+
+    async with running(pool, [job], "stopping") as stopping:
+        await blocked_workers(pool, 1)
+        stopping.allow_pick_jobs = False  # what run_forever does on SIGTERM; the claim is sent
+        # Due by the Redis clock at once (arq rounds its enqueue time up to the millisecond).
+        await pool.enqueue_job("job", _defer_until=datetime.now(UTC) - timedelta(seconds=1))
+        await pool.lpush(wake_key(pool), "1")
+        async with running(pool, [job], "other"):
+            async with asyncio.timeout(5):
+                await ran.wait()
+    # The stopping worker's claim counted a try, as arq counts one for a job a stop cancels.
+    assert runs == [("other", 2)]
+
+
 async def test_two_workers_run_each_job_once(pool: ArqRedis) -> None:
     """60 jobs, each with its token, across two workers: every job runs exactly once."""
     runs: list[tuple[str, int]] = []
@@ -294,6 +367,7 @@ async def test_two_workers_run_each_job_once(pool: ArqRedis) -> None:
         await asyncio.sleep(0.1)  # a second run of any job would show up now
     assert sorted(n for _, n in runs) == list(range(60))
     assert await pool.zcard(pool.default_queue_name) == 0
+    assert await pool.keys("arq:*") == []  # every finish (many sent together) was applied
     assert await pool.llen(wake_key(pool)) <= 16  # tokens are bounded whatever the burst
 
 
@@ -363,3 +437,18 @@ async def test_stop_as_the_last_job_ends_exits(pool: ArqRedis) -> None:
         with contextlib.suppress(asyncio.CancelledError):
             await main
         await worker.close()
+
+
+def test_worker_process_runs_on_uvloop_if_installed(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`sudo-queue worker` runs on uvloop's event loop when installed, else on asyncio's own."""
+    pytest.importorskip("uvloop")
+    loops: list[str] = []
+
+    async def worker() -> int:
+        loops.append(type(asyncio.get_running_loop()).__module__.partition(".")[0])
+        return 0
+
+    assert cli._run(worker(), uvloop_if_installed=True) == 0
+    monkeypatch.setitem(sys.modules, "uvloop", None)  # an import of it fails: not installed
+    assert cli._run(worker(), uvloop_if_installed=True) == 0
+    assert loops == ["uvloop", "asyncio"]

@@ -18,14 +18,7 @@ from typing import Any, cast
 import structlog
 from arq import Worker
 from arq.connections import ArqRedis, create_pool
-from arq.constants import (
-    abort_jobs_ss,
-    in_progress_key_prefix,
-    job_key_prefix,
-    result_key_prefix,
-    retry_key_prefix,
-)
-from arq.utils import to_ms
+from arq.constants import abort_jobs_ss, in_progress_key_prefix, job_key_prefix, retry_key_prefix
 from redis.asyncio.connection import AbstractConnection
 from redis.exceptions import NoScriptError, RedisError
 
@@ -171,42 +164,48 @@ class _ClaimedRead:
         return self._replies
 
 
-# arq's finish_job (the same in 0.26 to 0.28) as one script instead of a MULTI of up to six
-# commands, and with the wake-up token that a job put back needs (see WakeableWorker.finish_job)
-# in the same step.
-#   KEYS: 1 arq queue, 2 its wake-up list, 3 arq's abort set, 4 the job's in-progress key,
-#         5 its retry key, 6 its job key, 7 its result key
-#   ARGV: 1 job id, 2 "1" if the job is finished (else it goes back to the queue), 3 ms to keep
-#         the in-progress key for ("" to delete it), 4 ms to add to the job's score ("" for
-#         none), 5 the result to keep ("" for none), 6 its lifetime in ms ("" for no expiry)
-FINISH_SCRIPT = """
-if ARGV[3] == '' then
-  redis.call('DEL', KEYS[4])
-else
-  redis.call('PEXPIRE', KEYS[4], ARGV[3])
-end
-if ARGV[2] == '1' then
-  if ARGV[5] ~= '' then
-    if ARGV[6] == '' then
-      redis.call('SET', KEYS[7], ARGV[5])
-    else
-      redis.call('SET', KEYS[7], ARGV[5], 'PX', ARGV[6])
-    end
-  end
-  redis.call('DEL', KEYS[5], KEYS[6])
-  redis.call('ZREM', KEYS[3], ARGV[1])
-  redis.call('ZREM', KEYS[1], ARGV[1])
-else
-  if ARGV[4] ~= '' then redis.call('ZINCRBY', KEYS[1], ARGV[4], ARGV[1]) end
-  redis.call('LPUSH', KEYS[2], '1')
-  redis.call('LTRIM', KEYS[2], 0, 15)
-end
-"""
+class _BatchedFinish:
+    """finish_job's pipeline, sent together with the finishes of other jobs in one round trip.
+
+    arq's finish_job sends the commands that finish a job (DEL, ZREM, ZINCRBY, PEXPIRE, SET) in
+    a MULTI of its own; a busy worker finishes many jobs at a time, and a round trip for each
+    is a large share of its CPU. finish_job gets this stand-in for that pipeline (see
+    `WakeableWorker.pool`): it records whatever finish_job queues, by name, and its execute()
+    returns once the worker has sent those commands, with every other finish waiting by then,
+    in one MULTI/EXEC (`WakeableWorker._send_finishes`). Each finish stays atomic and is done
+    when arq goes on, as with arq's own pipeline, and arq's code still decides what it is.
+    """
+
+    def __init__(self, worker: WakeableWorker) -> None:
+        self.commands: list[tuple[str, tuple[Any, ...], dict[str, Any]]] = []
+        self._worker = worker
+
+    def pipeline(self, transaction: bool = True) -> _BatchedFinish:
+        return self
+
+    async def __aenter__(self) -> _BatchedFinish:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        return None
+
+    def __getattr__(self, name: str) -> Callable[..., None]:
+        if name.startswith("_"):  # not a Redis command: nothing to record
+            raise AttributeError(name)
+
+        def queue(*args: Any, **kwargs: Any) -> None:
+            self.commands.append((name, args, kwargs))
+
+        return queue
+
+    async def execute(self) -> None:
+        await self._worker._finish_soon(self.commands)
 
 
-# The claim's replies for the job a task runs, until run_job takes them (see WakeableWorker.pool).
-_claimed_read: contextvars.ContextVar[_ClaimedRead | None] = contextvars.ContextVar(
-    "sudo_queue_claimed_read", default=None
+# What answers the next use of the worker's pool in this task, if not the pool itself: the
+# claim's replies for run_job's opening read, or a batched finish (see WakeableWorker.pool).
+_stand_in: contextvars.ContextVar[_ClaimedRead | _BatchedFinish | None] = contextvars.ContextVar(
+    "sudo_queue_pool_stand_in", default=None
 )
 
 
@@ -215,12 +214,14 @@ class WakeableWorker(Worker):
 
     The store pushes a token on `<queue>:wake` in the same atomic step that enqueues a job (and
     so does this worker when arq defers a retry or hands a job back); an idle worker blocks on
-    that list (BLPOP) and picks new work within a round trip. One claim script replaces arq's
-    per-job locking round trips and the read that opens arq's run_job (`CLAIM_SCRIPT`). An idle
-    worker blocks until the next deferred job is due or `poll_delay` passes: the fallback for
-    jobs that come without a token (enqueued by other code through arq, or left by a worker that
-    died mid-job once their in-progress key expires). A full worker waits for a free slot
-    instead of polling. Running a claimed job is arq's own `run_job`/`finish_job`: retries,
+    that list (BLPOP) with its claim queued right behind, so Redis claims the new work as the
+    token arrives (`_block_then_claim`). One claim script replaces arq's per-job locking round
+    trips and the read that opens arq's run_job (`CLAIM_SCRIPT`). An idle worker blocks until
+    the next deferred job is due or `poll_delay` passes: the fallback for jobs that come without
+    a token (enqueued by other code through arq, or left by a worker that died mid-job once
+    their in-progress key expires). A full worker waits for a free slot instead of polling.
+    Running a claimed job is arq's own `run_job`/`finish_job`, with their round trips answered
+    by the claim (`_ClaimedRead`) or shared with other jobs (`_BatchedFinish`): retries,
     `max_tries`, timeouts, deferral and at-least-once delivery are unchanged.
     """
 
@@ -231,6 +232,10 @@ class WakeableWorker(Worker):
         # When the next deferred job is due (time.monotonic()), as the last claim saw it.
         self._next_due_at = time.monotonic() + self.poll_delay_s
         self._blocking: AbstractConnection | None = None
+        # Finishes waiting to be sent (see _BatchedFinish), and whether a MULTI is on its way.
+        self._finishes: list[tuple[list[Any], asyncio.Future[None]]] = []
+        self._sending = False
+        self._finisher: asyncio.Task[None] | None = None
         self._stopped = False
 
     def handle_sig(self, signum: signal.Signals) -> None:
@@ -241,14 +246,15 @@ class WakeableWorker(Worker):
 
     @property
     def pool(self) -> ArqRedis:
-        # In a job's task started by a claim, the first use of the pool is run_job's opening
-        # read, and it gets the claim's replies (_ClaimedRead); the variable is emptied as it is
-        # taken, so all later uses, the job function's own task (whose context is copied after
-        # this) and every other task get the real pool.
-        claimed = _claimed_read.get()
-        if claimed is not None:
-            _claimed_read.set(None)
-            return cast("ArqRedis", claimed)
+        # A stand-in answers the one use of the pool that follows where it is set: run_job's
+        # opening read in a job's task started by a claim (_ClaimedRead), the pipeline of
+        # finish_job (_BatchedFinish). The variable is emptied as it is taken, so every other
+        # use, in that task (the job function's own task copies its context after this) or any
+        # other, gets the real pool.
+        stand_in = _stand_in.get()
+        if stand_in is not None:
+            _stand_in.set(None)
+            return cast("ArqRedis", stand_in)
         return cast("ArqRedis", self._pool)
 
     def _health_due_s(self) -> float:
@@ -268,7 +274,6 @@ class WakeableWorker(Worker):
         if self.on_startup:
             await self.on_startup(self.ctx)
         self._claim = self.pool.register_script(CLAIM_SCRIPT)
-        self._finish = self.pool.register_script(FINISH_SCRIPT)
         # The first look is a claim of its own: it finds the work enqueued while no worker ran,
         # and loads the script that every later look sends right behind its BLPOP.
         await self._housekeeping(claim=True)
@@ -284,6 +289,7 @@ class WakeableWorker(Worker):
                 ),
                 0.001,
             )
+            claim = False
             if self.allow_pick_jobs and self.job_counter < self.max_jobs:
                 await self._block_then_claim(block_s)
             else:
@@ -295,14 +301,18 @@ class WakeableWorker(Worker):
                 with contextlib.suppress(TimeoutError):
                     async with asyncio.timeout(block_s):
                         await self._slot_free.wait()
-            await self._housekeeping(claim=False)
+                # A deferred job came due meanwhile, and no token says so: a look (claiming
+                # nothing if there is still no free slot) hands it to another worker.
+                claim = time.monotonic() >= self._next_due_at
+            await self._housekeeping(claim=claim)
 
     async def _housekeeping(self, *, claim: bool) -> None:
         """The rest of arq's poll iteration: heart beat, aborted jobs, finished tasks.
 
         The claim itself travels with the BLPOP (`_block_then_claim`); this one claims only if
-        told to, or if the heart beat enqueued a cron job (arq does that without a token), so
-        that the worker learns when that job is due and wakes for it.
+        told to (at the start; a full worker when a deferred job came due), or if the heart beat
+        enqueued a cron job (arq does that without a token), so that the worker learns when
+        that job is due and wakes for it.
         """
         cron_runs = [job.next_run for job in self.cron_jobs]
         await self.heart_beat()
@@ -350,8 +360,9 @@ class WakeableWorker(Worker):
         keys = self._claim_keys()
         claim = ("EVALSHA", self._claim.sha, len(keys), *keys, *self._claim_args())
         await conn.send_packed_command(conn.pack_commands([blpop, claim]))
-        # A failure or a cancel while reading closes the connection (redis-py does that), so
-        # no late reply reaches a later command, and a claim Redis has not run yet never runs.
+        # A failure or a cancel while reading closes the connection (redis-py does that): no
+        # late reply reaches a later command, and Redis drops a claim still queued behind the
+        # BLPOP (the worker is stopping: its claim must not lock jobs that nobody runs).
         await conn.read_response()
         try:
             reply = await conn.read_response()
@@ -390,7 +401,7 @@ class WakeableWorker(Worker):
 
     async def _run_claimed(self, job_id: str, score: int, read: _ClaimedRead) -> None:
         # Set in this task's own context: only this job's run_job sees it.
-        _claimed_read.set(read)
+        _stand_in.set(read)
         await self.run_job(job_id, score)
 
     def _release_sem_dec_counter_on_complete(self) -> None:
@@ -407,32 +418,65 @@ class WakeableWorker(Worker):
         incr_score: int | None,
         keep_in_progress: float | None,
     ) -> None:
-        """arq's finish_job in one script (FINISH_SCRIPT), with a token for a job put back.
-
-        arq puts a job back (a Retry, deferred by incr_score, or handed back at shutdown)
-        without a token; the script pushes one, so that a worker wakes and runs the job when it
-        is due.
-        """
-        expire = None if keep_result_forever else result_timeout_s
-        await self._finish(
-            keys=[
-                self.queue_name,
-                self._wake_key,
-                abort_jobs_ss,
-                in_progress_key_prefix + job_id,
-                retry_key_prefix + job_id,
-                job_key_prefix + job_id,
-                result_key_prefix + job_id,
-            ],
-            args=[
+        batched = _BatchedFinish(self)
+        if not finish:
+            # arq puts the job back (a Retry, deferred by incr_score, or handed back at
+            # shutdown) without any token: the same MULTI pushes one, so that a worker wakes
+            # and runs the job when it is due.
+            batched.lpush(self._wake_key, "1")
+            batched.ltrim(self._wake_key, 0, 15)
+        _stand_in.set(batched)
+        try:
+            await super().finish_job(
                 job_id,
-                "1" if finish else "0",
-                "" if keep_in_progress is None else to_ms(keep_in_progress),
-                incr_score or "",
-                result_data if finish and result_data else "",
-                "" if expire is None else to_ms(expire),
-            ],
-        )
+                finish,
+                result_data,
+                result_timeout_s,
+                keep_result_forever,
+                incr_score,
+                keep_in_progress,
+            )
+        finally:
+            _stand_in.set(None)
+
+    async def _finish_soon(self, commands: list[Any]) -> None:
+        """Have a batched finish sent; return once it is done (raise if that failed)."""
+        done = self.loop.create_future()
+        self._finishes.append((commands, done))
+        if not self._sending:
+            # No MULTI on its way: this task sends it, with whatever else waits (so a worker
+            # with one job at a time pays nothing for the batching).
+            await self._send_finishes()
+        await done
+
+    async def _send_finishes(self) -> None:
+        """Send the waiting finishes in one MULTI; a task sends those that come meanwhile."""
+        batch, self._finishes = self._finishes, []
+        if not batch:
+            return
+        self._sending = True
+        try:
+            async with cast("ArqRedis", self._pool).pipeline(transaction=True) as pipe:
+                for commands, _ in batch:
+                    for name, args, kwargs in commands:
+                        getattr(pipe, name)(*args, **kwargs)
+                await pipe.execute()
+        except Exception as exc:
+            for _, done in batch:
+                if not done.done():  # (its waiter may have been cancelled meanwhile)
+                    done.set_exception(exc)
+        except BaseException:
+            for _, done in batch:
+                done.cancel()
+            raise
+        else:
+            for _, done in batch:
+                if not done.done():
+                    done.set_result(None)
+        finally:
+            self._sending = False
+            if self._finishes:
+                self._finisher = self.loop.create_task(self._send_finishes())
 
     async def close(self) -> None:
         try:
