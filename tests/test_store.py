@@ -8,6 +8,7 @@ import json
 import pytest
 from redis.asyncio import Redis
 
+from sudo_queue.errors import GateUnavailable
 from sudo_queue.models import Status, canonical_json, digest
 from sudo_queue.store import Outcome, Store
 
@@ -349,3 +350,53 @@ async def test_requeue_is_capped_then_denies(store: Store, fake_redis: Redis) ->
     assert record is not None
     assert record.rule == "<error>"
     assert "never completed" in (record.reason or "")
+
+
+# -- transitions started together go out together ----------------------------------------------
+
+
+async def test_transitions_of_one_turn_share_a_pipeline_and_keep_their_own_replies(
+    real_redis: Redis,
+) -> None:
+    """50 agents creating at once cost one round trip, and each gets its own outcome: a
+    duplicate id is refused on its own while the others are created."""
+    store = Store(real_redis)
+    await create(store, "r0")
+    ids = [f"r{i}" for i in range(50)]
+    results = await asyncio.gather(
+        *(
+            store.create(
+                rid, agent="bot", resource="stripe", action="charge", args_json=ARGS,
+                args_digest=DIGEST, context_json="{}", key=None,
+            )
+            for rid in ids
+        ),
+        return_exceptions=True,
+    )  # fmt: skip
+    assert isinstance(results[0], GateUnavailable)  # r0 exists: refused, nothing changed
+    assert all(r.created for r in results[1:] if not isinstance(r, BaseException))
+    assert sum(1 for r in results if isinstance(r, BaseException)) == 1
+    assert await real_redis.zcard(store.keys.queued) == 50
+    # One call at a time, the pool would have opened a connection for each of the 50.
+    assert len(await real_redis.client_list()) <= 2  # the batch's, and this check's
+
+
+async def test_a_batch_survives_redis_losing_its_scripts(real_redis: Redis) -> None:
+    store = Store(real_redis)
+    await create(store, "r0")
+    await real_redis.script_flush()
+    results = await asyncio.gather(*(create(store, f"s{i}") for i in range(5)))
+    assert results == [None] * 5
+    assert await real_redis.zcard(store.keys.queued) == 6
+
+
+async def test_a_caller_that_stops_waiting_does_not_cancel_the_others(real_redis: Redis) -> None:
+    store = Store(real_redis)
+    waiting = [asyncio.create_task(create(store, f"r{i}")) for i in range(10)]
+    await asyncio.sleep(0)  # all ten are queued in this turn's batch
+    waiting[3].cancel()
+    done = await asyncio.gather(*waiting, return_exceptions=True)
+    assert isinstance(done[3], asyncio.CancelledError)
+    # The batch was sent as a whole: the cancelled caller's request exists too, as it would if
+    # its own call had been cancelled after sending.
+    assert await real_redis.zcard(store.keys.queued) == 10
