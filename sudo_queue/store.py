@@ -102,31 +102,37 @@ def _status(value: str) -> Status | None:
 
 class _Coalescer:
     """Runs the transition script for every coroutine of this process, sending the calls made in
-    the same event-loop turn as one pipeline.
+    the same event-loop turn together.
 
     200 agents of one Gate, or the jobs of one busy worker, resume together and each starts a
     transition: sent one by one, every call costs a connection from the pool, a write, a read,
-    and the same again in Redis. Sent together, the calls share them, which leaves more of the
-    two cores to the work itself. A pipeline is not a transaction: each call is still one
-    script, atomic on its own, and gets its own reply or error. A lone call goes out as it
-    always did; either way it waits one loop turn, for the calls that come with it.
+    and the same again in Redis. The first call of a turn goes out at once (a lone agent waits
+    for nothing); the calls that follow it in the same turn go out at its end as one pipeline,
+    sharing a connection, a write and a read. A pipeline is not a transaction: each call is
+    still one script, atomic on its own, and gets its own reply or error.
     """
 
     def __init__(self, redis: Redis, script: AsyncScript) -> None:
         self._redis = redis
         self._script = script
+        self._turn_open = False
         self._queued: list[tuple[list[str], list[str], asyncio.Future[Any]]] = []
         self._sending: set[asyncio.Task[None]] = set()
 
     async def __call__(self, keys: list[str], args: list[str]) -> Any:
         loop = asyncio.get_running_loop()
+        if not self._turn_open:
+            self._turn_open = True
+            loop.call_soon(self._end_turn)  # after the coroutines that run in this turn
+            return await self._script(keys=keys, args=args)
         future: asyncio.Future[Any] = loop.create_future()
         self._queued.append((keys, args, future))
-        if len(self._queued) == 1:
-            loop.call_soon(self._flush)  # after the coroutines that run in this turn
         return await future
 
-    def _flush(self) -> None:
+    def _end_turn(self) -> None:
+        self._turn_open = False
+        if not self._queued:
+            return
         batch, self._queued = self._queued, []
         # A task of its own: a caller that is cancelled (its timeout) cancels only its wait,
         # never the pipeline that also carries the others' calls.

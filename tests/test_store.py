@@ -358,7 +358,7 @@ async def test_requeue_is_capped_then_denies(store: Store, fake_redis: Redis) ->
 async def test_transitions_of_one_turn_share_a_pipeline_and_keep_their_own_replies(
     real_redis: Redis,
 ) -> None:
-    """50 agents creating at once cost one round trip, and each gets its own outcome: a
+    """50 agents creating at once cost two round trips, and each gets its own outcome: a
     duplicate id is refused on its own while the others are created."""
     store = Store(real_redis)
     await create(store, "r0")
@@ -377,8 +377,9 @@ async def test_transitions_of_one_turn_share_a_pipeline_and_keep_their_own_repli
     assert all(r.created for r in results[1:] if not isinstance(r, BaseException))
     assert sum(1 for r in results if isinstance(r, BaseException)) == 1
     assert await real_redis.zcard(store.keys.queued) == 50
-    # One call at a time, the pool would have opened a connection for each of the 50.
-    assert len(await real_redis.client_list()) <= 2  # the batch's, and this check's
+    # One call at a time, the pool would have opened a connection for each of the 50; here
+    # the first call goes out at once and the 49 after it as one pipeline.
+    assert len(await real_redis.client_list()) <= 3  # those two, and this check's
 
 
 async def test_a_batch_survives_redis_losing_its_scripts(real_redis: Redis) -> None:
