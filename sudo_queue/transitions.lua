@@ -80,7 +80,7 @@ local TRIM_BATCH = 100
 -- SHA-256 (FIPS 180-4) in pure Lua 5.1: Redis's Lua has no SHA-2. Real Redis has the `bit`
 -- library (LuaBitOp: it reduces any input mod 2^32 and returns signed 32-bit results); where it
 -- is missing (fakeredis's Lua) the same operations are done arithmetically on 0 <= x < 2^32.
-local sha256_from
+local sha256_from, chain_from, digest_from, words_hex
 do
   local K = {
     0x428a2f98, 0x71374491, 0xb5c0fbcf, 0xe9b5dba5, 0x3956c25b, 0x59f111f1, 0x923f82a4, 0xab1c5ed5,
@@ -128,12 +128,8 @@ do
     end
   end
 
-  local function compress(H, s, pos, W)
-    for j = 1, 16 do
-      local a, b, c, d = string.byte(s, pos, pos + 3)
-      W[j] = ((a * 256 + b) * 256 + c) * 256 + d
-      pos = pos + 4
-    end
+  -- One compression of the block whose 16 words are W[1..16] into the state H (W is clobbered).
+  local function compress_words(H, W)
     for j = 17, 64 do
       local w15, w2 = W[j - 15], W[j - 2]
       W[j] = (W[j - 16] + bxor(ror(bxor(w15, ror(w15, 11)), 7), rshift(w15, 3)) + W[j - 7]
@@ -153,6 +149,54 @@ do
     H[5], H[6], H[7], H[8] = (H[5] + e) % M32, (H[6] + f) % M32, (H[7] + g) % M32, (H[8] + h) % M32
   end
 
+  local function compress(H, s, pos, W)
+    for j = 1, 16 do
+      local a, b, c, d = string.byte(s, pos, pos + 3)
+      W[j] = ((a * 256 + b) * 256 + c) * 256 + d
+      pos = pos + 4
+    end
+    compress_words(H, W)
+  end
+
+  local function hex_out(H)
+    local out = {}
+    for j = 1, 8 do out[j] = string.format('%08x', H[j] % M32) end
+    return table.concat(out)
+  end
+
+  local function put_hex(W, at, hex)  -- 64 hex digits as the 8 words W[at..at+7]
+    for j = 0, 7 do W[at + j] = tonumber(string.sub(hex, j * 8 + 1, j * 8 + 8), 16) end
+  end
+
+  -- The chain step H(prev || body || u64(seq) || u64(time)) (80 bytes: two blocks), from the
+  -- state `init` after `done` bytes (see sha256_from), computed on words: prev and body (hex)
+  -- fill the first block, and the second is seq, time and the padding.
+  chain_from = function(init, done, prev, body, seq, time)
+    local H = {init[1], init[2], init[3], init[4], init[5], init[6], init[7], init[8]}
+    local W = {}
+    put_hex(W, 1, prev)
+    put_hex(W, 9, body)
+    compress_words(H, W)
+    local seq_low, time_low = seq % M32, time % M32
+    W[1], W[2], W[3], W[4] = (seq - seq_low) / M32, seq_low, (time - time_low) / M32, time_low
+    W[5] = 0x80000000
+    for j = 6, 15 do W[j] = 0 end
+    W[16] = (done + 80) * 8
+    compress_words(H, W)
+    return H
+  end
+
+  -- The SHA-256 of a 32-byte digest (its 8 words) from the state `init` after `done` bytes:
+  -- HMAC's outer hash, one block.
+  digest_from = function(init, done, words)
+    local H = {init[1], init[2], init[3], init[4], init[5], init[6], init[7], init[8]}
+    local W = {words[1], words[2], words[3], words[4], words[5], words[6], words[7], words[8],
+      0x80000000, 0, 0, 0, 0, 0, 0, (done + 32) * 8}
+    compress_words(H, W)
+    return H
+  end
+  words_hex = hex_out
+
   -- The SHA-256 of `msg` continued from the state `init` after `done` bytes (0 and the initial
   -- state for plain SHA-256; 64 and a key's pad state for HMAC), as 64 hex digits.
   sha256_from = function(init, done, msg)
@@ -168,9 +212,7 @@ do
     local s = msg .. '\128' .. string.rep('\0', zeros) .. table.concat(len)
     local W = {}
     for pos = 1, #s, 64 do compress(H, s, pos, W) end
-    local out = {}
-    for j = 1, 8 do out[j] = string.format('%08x', H[j] % M32) end
-    return table.concat(out)
+    return hex_out(H)
   end
 end
 
@@ -191,6 +233,14 @@ local function chain_hash(msg)
   local inner = sha256_from(hex_words(string.sub(audit_mac, 1, 64)), 64, msg)
   local raw = string.gsub(inner, '..', function(h) return string.char(tonumber(h, 16)) end)
   return sha256_from(hex_words(string.sub(audit_mac, 65, 128)), 64, raw)
+end
+
+-- The audit chain step, as chain_hash(raw(prev) .. raw(body) .. u64(seq) .. u64(time)) but
+-- computed on words (see chain_from): prev and body are 64 hex digits, seq and time integers.
+local function chain_step(prev, body, seq, time)
+  if audit_mac == '' then return words_hex(chain_from(SHA256_INIT, 0, prev, body, seq, time)) end
+  local inner = chain_from(hex_words(string.sub(audit_mac, 1, 64)), 64, prev, body, seq, time)
+  return words_hex(digest_from(hex_words(string.sub(audit_mac, 65, 128)), 64, inner))
 end
 -- [sha256 end]
 
@@ -224,30 +274,6 @@ local function trim_audit()
   redis.call('XTRIM', audit_key, 'MINID', ms .. '-' .. string.format('%d', tonumber(n) + 1))
 end
 
-local function unhex(hex)  -- 64 hex digits to their 32 bytes
-  local out = {}
-  for j = 1, 8 do
-    local w = tonumber(string.sub(hex, j * 8 - 7, j * 8), 16)
-    local b4 = w % 256
-    w = (w - b4) / 256
-    local b3 = w % 256
-    w = (w - b3) / 256
-    local b2 = w % 256
-    out[j] = string.char((w - b2) / 256, b2, b3, b4)
-  end
-  return table.concat(out)
-end
-
-local function u64(n)  -- 8 bytes, big-endian (exact: Lua numbers hold integers up to 2^53)
-  local out = {}
-  for j = 8, 1, -1 do
-    local byte = n % 256
-    out[j] = string.char(byte)
-    n = (n - byte) / 256
-  end
-  return table.concat(out)
-end
-
 -- Append one entry (a table of CANON values plus `args`) to the chain.
 local function append_entry(e)
   local head = redis.call('HMGET', head_key, 'hash', 'count')
@@ -270,7 +296,7 @@ local function append_entry(e)
   if type(body) ~= 'string' or not string.find(body, '^' .. string.rep('%x', 64) .. '$') then
     body = sha256_from(SHA256_INIT, 0, canonical)
   end
-  local hash = chain_hash(unhex(prev) .. unhex(body) .. u64(seq) .. u64(now))
+  local hash = chain_step(prev, body, seq, now)
   fields[#fields + 1] = 'args'
   fields[#fields + 1] = e.args or ''
   fields[#fields + 1] = 'prev'

@@ -21,6 +21,7 @@ import pytest_asyncio
 from redis.asyncio import Redis
 
 from sudo_queue import Gate, RequestDenied, Status
+from sudo_queue import audit as audit_module
 from sudo_queue import store as store_module
 from sudo_queue.audit import (
     GENESIS,
@@ -966,3 +967,27 @@ async def test_no_secret_from_the_payload_reaches_logs_cli_or_the_audit_stream(
         assert leak not in log, leak
         for output in outputs:
             assert leak not in output, leak
+
+
+@pytest.mark.parametrize("key", [None, KEY.encode()])
+async def test_lua_chain_step_equals_python(
+    lua_redis: tuple[Redis, str], key: bytes | None
+) -> None:
+    """The script's word-level chain step is `entry_hash` of format 2, in both Lua runtimes."""
+    client, _ = lua_redis
+    text = files("sudo_queue").joinpath("transitions.lua").read_text()
+    start, end = text.index("-- [sha256 begin]"), text.index("-- [sha256 end]")
+    script = (
+        "local audit_mac = ARGV[1]\n"
+        + text[start:end]
+        + "return chain_step(ARGV[2], ARGV[3], tonumber(ARGV[4]), tonumber(ARGV[5]))\n"
+    )
+    fields = {"v": "2", "event": "allowed", "request_id": "r1", "actor": "policy"}
+    body = hashlib.sha256(audit_module.canonical(fields)).hexdigest()
+    mac = hmac_pad_states(key) if key else ""
+    for prev, seq, time in [
+        (GENESIS, 1, 0),
+        (hashlib.sha256(b"p").hexdigest(), 2**40 + 7, 1763712345678),
+    ]:
+        expected = entry_hash(prev, {**fields, "seq": str(seq), "time": str(time)}, key)
+        assert await client.eval(script, 0, mac, prev, body, seq, time) == expected
