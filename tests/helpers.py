@@ -10,6 +10,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -145,7 +146,13 @@ def stop_process(process: subprocess.Popen[bytes], sig: int = signal.SIGTERM) ->
 
 
 async def decide_as_policy(
-    store: Store, request_id: str, status: Status, *, expires_in_s: float = 60.0
+    store: Store,
+    request_id: str,
+    status: Status,
+    *,
+    expires_in_s: float = 60.0,
+    approvers: Sequence[str] = (),
+    min_approvals: int = 1,
 ) -> TransitionResult:
     """Apply a policy verdict to a queued request from its stored record, as the worker does."""
     record = await store.get(request_id)
@@ -162,4 +169,6 @@ async def decide_as_policy(
         policy_version="test",
         actor="policy",
         expires_in_s=expires_in_s,
+        approvers=approvers,
+        min_approvals=min_approvals,
     )

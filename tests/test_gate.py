@@ -27,7 +27,7 @@ from sudo_queue import (
 from sudo_queue.gate import _inbox_news
 from sudo_queue.multiplexer import Wake
 from sudo_queue.policy import Policy, Verdict
-from sudo_queue.store import Store
+from sudo_queue.store import Outcome, Store
 
 from .helpers import POLICY, decide_as_policy
 
@@ -342,23 +342,15 @@ async def park(
     store: Store, request_id: str, *, min_approvals: int = 1, expires_in_s: float = 60
 ) -> None:
     """Turn a queued request pending, as the policy worker does."""
-    record = await store.get(request_id)
-    assert record is not None
-    await store.decide(
+    result = await decide_as_policy(
+        store,
         request_id,
-        status=Status.PENDING,
-        agent=record.agent,
-        resource=record.resource,
-        action=record.action,
-        args_digest=record.args_digest,
-        rule="big-charges",
-        reason="charges above 50 need a human",
-        policy_version="test",
-        actor="policy",
+        Status.PENDING,
         expires_in_s=expires_in_s,
         approvers=["alice", "bob"],
         min_approvals=min_approvals,
     )
+    assert result.outcome is Outcome.APPLIED
 
 
 Drive = Callable[[Store, str, "asyncio.Task[Decision]"], Awaitable[None]]

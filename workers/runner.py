@@ -13,7 +13,7 @@ import json
 import signal
 import time
 from collections.abc import Callable
-from typing import Any, cast
+from typing import Any, Self, cast
 
 import structlog
 from arq import Worker
@@ -105,7 +105,21 @@ return {claimed, tostring(wait_ms)}
 """
 
 
-class _ClaimedRead:
+class _PipelineStandIn:
+    """Stands in for the pool where arq opens a pipeline: `pool.pipeline()` and the pipeline are
+    this object, used as an async context manager."""
+
+    def pipeline(self, transaction: bool = True) -> Self:
+        return self
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        return None
+
+
+class _ClaimedRead(_PipelineStandIn):
     """run_job's opening pipeline, answered with what the claim script already did and read.
 
     arq's run_job (the same in 0.26 to 0.28) opens with one MULTI round trip: GET the job, INCR
@@ -134,15 +148,6 @@ class _ClaimedRead:
             self._replies.append(aborted)
         self._queued: list[tuple[Any, ...]] = []
 
-    def pipeline(self, transaction: bool = True) -> _ClaimedRead:
-        return self
-
-    async def __aenter__(self) -> _ClaimedRead:
-        return self
-
-    async def __aexit__(self, *exc_info: object) -> None:
-        return None
-
     def get(self, name: str) -> None:
         self._queued.append(("get", name))
 
@@ -164,7 +169,7 @@ class _ClaimedRead:
         return self._replies
 
 
-class _BatchedFinish:
+class _BatchedFinish(_PipelineStandIn):
     """finish_job's pipeline, sent together with the finishes of other jobs in one round trip.
 
     arq's finish_job sends the commands that finish a job (DEL, ZREM, ZINCRBY, PEXPIRE, SET) in
@@ -179,15 +184,6 @@ class _BatchedFinish:
     def __init__(self, worker: WakeableWorker) -> None:
         self.commands: list[tuple[str, tuple[Any, ...], dict[str, Any]]] = []
         self._worker = worker
-
-    def pipeline(self, transaction: bool = True) -> _BatchedFinish:
-        return self
-
-    async def __aenter__(self) -> _BatchedFinish:
-        return self
-
-    async def __aexit__(self, *exc_info: object) -> None:
-        return None
 
     def __getattr__(self, name: str) -> Callable[..., None]:
         if name.startswith("_"):  # not a Redis command: nothing to record
