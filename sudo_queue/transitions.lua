@@ -225,18 +225,11 @@ local function hex_words(hex)
   return w
 end
 
--- SHA-256, or HMAC-SHA-256 when the caller passed the key's pad states: the states after
--- hashing (key xor ipad) and (key xor opad), 128 hex digits, so the key itself never reaches
--- Redis and each entry saves two compressions.
-local function chain_hash(msg)
-  if audit_mac == '' then return sha256_from(SHA256_INIT, 0, msg) end
-  local inner = sha256_from(hex_words(string.sub(audit_mac, 1, 64)), 64, msg)
-  local raw = string.gsub(inner, '..', function(h) return string.char(tonumber(h, 16)) end)
-  return sha256_from(hex_words(string.sub(audit_mac, 65, 128)), 64, raw)
-end
-
--- The audit chain step, as chain_hash(raw(prev) .. raw(body) .. u64(seq) .. u64(time)) but
--- computed on words (see chain_from): prev and body are 64 hex digits, seq and time integers.
+-- The audit chain step: SHA-256 of raw(prev) .. raw(body) .. u64(seq) .. u64(time), computed
+-- on words (see chain_from); prev and body are 64 hex digits, seq and time integers. Or
+-- HMAC-SHA-256 when the caller passed the key's pad states: the states after hashing (key xor
+-- ipad) and (key xor opad), 128 hex digits, so the key itself never reaches Redis and each entry
+-- saves two compressions.
 local function chain_step(prev, body, seq, time)
   if audit_mac == '' then return words_hex(chain_from(SHA256_INIT, 0, prev, body, seq, time)) end
   local inner = chain_from(hex_words(string.sub(audit_mac, 1, 64)), 64, prev, body, seq, time)

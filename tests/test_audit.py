@@ -147,7 +147,12 @@ def _lua_block() -> str:
         "local audit_mac = ARGV[2]\n"
         + text[start:end]
         + "if ARGV[1] == 'bit' then return type(bit) end\n"
-        + "return chain_hash(ARGV[3])\n"
+        # SHA-256 of any message, or HMAC-SHA-256 from the pad states, built from the script's
+        # own pieces (the chain step and the body fallback use them).
+        + "if audit_mac == '' then return sha256_from(SHA256_INIT, 0, ARGV[3]) end\n"
+        + "local inner = sha256_from(hex_words(string.sub(audit_mac, 1, 64)), 64, ARGV[3])\n"
+        + "return words_hex(digest_from(hex_words(string.sub(audit_mac, 65, 128)), 64,"
+        + " hex_words(inner)))\n"
     )
 
 
