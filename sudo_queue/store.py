@@ -54,6 +54,8 @@ _ENTRY_FIELDS = (
     "policy_version",
 )
 EXPIRED_REASON = "no decision before the deadline"  # finish() via expire_now() in the script
+# The entry an expiry writes; any transition on a pending request may write it (a late click).
+_EXPIRED_ENTRY = ("expired", "expired", EXPIRY_ACTOR, EXPIRED_REASON)
 
 
 class Outcome(StrEnum):
@@ -442,7 +444,7 @@ class Store:
             request_id,
             ("vote", "pending", actor, reason),
             ("approved", "approved", actor, reason),
-            ("expired", "expired", EXPIRY_ACTOR, EXPIRED_REASON),
+            _EXPIRED_ENTRY,
         )
         return _result(await self._run("approve", request_id, params))
 
@@ -452,16 +454,14 @@ class Store:
         params["bodies"] = await self._stored_bodies(
             request_id,
             ("rejected", "rejected", actor, reason or f"rejected by {actor}"),
-            ("expired", "expired", EXPIRY_ACTOR, EXPIRED_REASON),
+            _EXPIRED_ENTRY,
         )
         return _result(await self._run("reject", request_id, params))
 
     async def expire(self, request_id: str) -> TransitionResult:
         """Expire a pending request whose deadline (server clock) has passed."""
         params: dict[str, Any] = {"actor": EXPIRY_ACTOR}
-        params["bodies"] = await self._stored_bodies(
-            request_id, ("expired", "expired", EXPIRY_ACTOR, EXPIRED_REASON)
-        )
+        params["bodies"] = await self._stored_bodies(request_id, _EXPIRED_ENTRY)
         return _result(await self._run("expire", request_id, params))
 
     async def cancel(self, request_id: str, *, actor: str, reason: str = "") -> TransitionResult:
