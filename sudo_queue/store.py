@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 from pydantic import ValidationError
 from redis.exceptions import NoScriptError, RedisError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from .audit import clip_reason, entry_bodies, hmac_pad_states
 from .constants import (
@@ -36,6 +37,7 @@ if TYPE_CHECKING:
     from collections.abc import Awaitable, Sequence
 
     from redis.asyncio import Redis
+    from redis.asyncio.connection import AbstractConnection
     from redis.commands.core import AsyncScript
 
 __all__ = ["CreateResult", "Outcome", "Store", "TransitionResult"]
@@ -120,16 +122,65 @@ class _Coalescer:
         self._turn_open = False
         self._queued: list[tuple[list[str], list[str], asyncio.Future[Any]]] = []
         self._sending: set[asyncio.Task[None]] = set()
+        self._lane: AbstractConnection | None = None
+        self._lane_busy = False
+        self._lane_timeout: float | None = None
 
     async def __call__(self, keys: list[str], args: list[str]) -> Any:
         loop = asyncio.get_running_loop()
         if not self._turn_open:
             self._turn_open = True
             loop.call_soon(self._end_turn)  # after the coroutines that run in this turn
-            return await self._script(keys=keys, args=args)
+            if self._lane_busy:
+                return await self._script(keys=keys, args=args)
+            return await self._on_lane(keys, args)
         future: asyncio.Future[Any] = loop.create_future()
         self._queued.append((keys, args, future))
         return await future
+
+    async def _on_lane(self, keys: list[str], args: list[str]) -> Any:
+        """One call on the lane: a connection of the pool's that this object keeps for itself.
+
+        A call through the client costs a pool checkout (whose readiness check waits a whole
+        event-loop turn for a read that times out), a task for the write's timeout and a timer
+        for the read's: more CPU than the script itself takes in Redis. Here one timeout bounds
+        the write and the read together, as `socket_timeout` bounds each. The lane carries one
+        call at a time; a call that finds it busy goes through the client. The pool closes the
+        lane with the others, and a broken or cancelled exchange closes it (redis-py's
+        read_response does that) so no late reply can answer a later call.
+        """
+        self._lane_busy = True
+        try:
+            conn = self._lane
+            if conn is None:
+                pool = self._redis.connection_pool
+                conn = cast("AbstractConnection", await pool.get_connection())
+                self._lane_timeout = conn.socket_timeout
+                # The lane's own timeout below bounds the exchange; a `socket_timeout` on the
+                # connection would make redis-py run each write in a task of its own.
+                conn.socket_timeout = None
+                self._lane = conn
+            if not _open_and_idle(conn):
+                # Closed by the server meanwhile (a restart, a timeout): the pool's checkout
+                # would see it with its read; the lane sees the end of stream the event loop
+                # already read, and reconnects before sending.
+                await conn.disconnect()
+            command = conn.pack_command("EVALSHA", self._script.sha, len(keys), *keys, *args)
+            try:
+                async with asyncio.timeout(self._lane_timeout):
+                    await conn.send_packed_command(command, check_health=False)
+                    return await conn.read_response()
+            except TimeoutError:
+                await conn.disconnect(nowait=True)
+                raise RedisTimeoutError(
+                    f"Redis did not answer within {self._lane_timeout:g}s"
+                ) from None
+        except NoScriptError:
+            # Redis lost its scripts (a restart, SCRIPT FLUSH); nothing ran. The client's
+            # script object loads the script again and sends the call.
+            return await self._script(keys=keys, args=args)
+        finally:
+            self._lane_busy = False
 
     def _end_turn(self) -> None:
         self._turn_open = False
@@ -176,6 +227,19 @@ class _Coalescer:
                 future.set_exception(reply)
             else:
                 future.set_result(reply)
+
+
+def _open_and_idle(conn: AbstractConnection) -> bool:
+    """Whether `conn` is connected and has neither seen the end of its stream nor an error.
+
+    The asyncio transport reads all the time, so a server's close or reset is already in the
+    connection's StreamReader (redis-py's `_reader`) when the lane comes to send.
+    """
+    reader: asyncio.StreamReader | None = getattr(conn, "_reader", None)
+    if reader is None or reader.at_eof():
+        return False
+    failed = getattr(reader, "exception", None)  # (fakeredis's reader has none)
+    return failed is None or failed() is None
 
 
 class Store:
@@ -392,11 +456,14 @@ class Store:
         channel: str | None = None,
         notify: Sequence[tuple[str, str]] = (),
         args_json: str | None = None,
+        redacted_digest: str | None = None,
     ) -> TransitionResult:
         """The policy's verdict: queued -> allowed, denied or pending (CAS on `queued`).
 
-        `args_json` (the job's args) lets this store pass the audit entry's body digest, so
-        that Redis hashes two blocks for it instead of the whole entry.
+        `redacted_digest` (the stored digest of the redacted args, which the evaluation job
+        carries) or else `args_json` (the job's args, redacted here) lets this store pass the
+        audit entry's body digest, so that Redis hashes two blocks for it instead of the whole
+        entry. Either is only a hint: a digest that does not match is ignored by the script.
         """
         if status not in (Status.ALLOWED, Status.DENIED, Status.PENDING):
             raise ValueError(f"a policy decides allowed, denied or pending, not {status}")
@@ -416,9 +483,9 @@ class Store:
             "channel": channel or "",
             "notify": json.dumps([list(n) for n in notify]) if notify else "",
         }
-        redacted = None
+        redacted = redacted_digest
         # Args no policy could read (a planted job): the script hashes the body itself.
-        if args_json is not None:
+        if redacted is None and args_json is not None:
             with contextlib.suppress(ValueError, RecursionError):
                 redacted = self.redacted_args(args_json)["redacted_digest"]
         if redacted is not None:

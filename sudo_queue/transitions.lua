@@ -51,9 +51,12 @@ local function enqueue(job_queue, job_id, fn, args, score)
   redis.call('LTRIM', wake, 0, 15)
 end
 
+-- The redacted args' digest rides along so that the worker can pass its decision entry's body
+-- digest without redacting the args again (a hint only: see append_entry).
 local function eval_job(rec)
   enqueue(queue, 'sq-eval:' .. id, 'evaluate',
-    {id, rec.agent, rec.resource, rec.action, rec.args, rec.context, rec.args_digest}, now)
+    {id, rec.agent, rec.resource, rec.action, rec.args, rec.context, rec.args_digest,
+      rec.redacted_digest}, now)
 end
 
 -- The audit chain (sudo_queue/audit.py verifies it; docs/audit.md is the contract). Format 2:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 from pathlib import Path
 
@@ -10,6 +11,8 @@ import pytest
 from arq import Retry
 from redis.asyncio import Redis
 
+from sudo_queue import store as store_module
+from sudo_queue.audit import AuditLog
 from sudo_queue.constants import POLICY_ACTOR
 from sudo_queue.models import Status, canonical_json, digest
 from sudo_queue.store import Store
@@ -61,6 +64,60 @@ async def test_evaluate_allows_denies_and_parks(store: Store) -> None:
         POLICY_ACTOR,
     )
     assert record.policy_version == ctx["policy"].current.version
+
+
+async def test_the_job_carries_the_redacted_digest_the_decide_entry_needs(
+    store: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The evaluation job holds the stored digest of the redacted args, and with it the worker
+    names its decision entry's exact canonical bytes without redacting the args again. Shown
+    by a wrong digest for those bytes: the script uses it (only an exact match is used), and
+    the args are never redacted on the way."""
+    ctx = make_ctx(store)
+    await worker.publish_policy(ctx)  # as a worker does when it starts
+    job_args = await submit(store, {"amount": 10, "api_key": "sk-live-abcdefghijklmnop"})
+    record = await store.redis.hget("sq:req:r1", "redacted_digest")
+    assert job_args[-1] == record
+    wrong = hashlib.sha256(b"not the body").hexdigest()
+    real = store_module.entry_bodies
+    monkeypatch.setattr(
+        store_module, "entry_bodies", lambda entries: dict.fromkeys(real(entries), wrong)
+    )
+
+    def no_redaction(*_: object) -> None:
+        raise AssertionError("the decide redacted the args again")
+
+    monkeypatch.setattr(Store, "redacted_args", no_redaction)
+    assert await worker.evaluate(ctx, "r1", *job_args) == "applied"
+
+    allowed = (await store.redis.xrange("sq:audit"))[-1][1]
+    assert allowed["event"] == "allowed"
+    message = (
+        bytes.fromhex(allowed["prev"])
+        + bytes.fromhex(wrong)
+        + int(allowed["seq"]).to_bytes(8, "big")
+        + int(allowed["time"]).to_bytes(8, "big")
+    )
+    assert allowed["hash"] == hashlib.sha256(message).hexdigest()
+
+
+@pytest.mark.parametrize("redacted_digest", [None, "0" * 64], ids=["earlier-job", "wrong"])
+async def test_a_job_without_or_with_a_wrong_redacted_digest_still_verifies(
+    store: Store, redacted_digest: str | None
+) -> None:
+    """A job enqueued by an earlier version (no digest) or one whose digest is wrong: the
+    worker decides as before and the audit log verifies (the script hashes the body itself)."""
+    job_args = await submit(store, {"amount": 10})
+    job_args = job_args[:-1] if redacted_digest is None else [*job_args[:-1], redacted_digest]
+    assert await worker.evaluate(make_ctx(store), "r1", *job_args) == "applied"
+    record = await store.get("r1")
+    assert record is not None
+    assert record.status is Status.ALLOWED
+    result = await AuditLog(store.redis).verify()
+    assert result.ok, result.problem
+    events = [fields["event"] for _, fields in await store.redis.xrange("sq:audit")]
+    assert events == ["created", "policy_reloaded", "allowed"]
+    assert result.checked == 3
 
 
 async def test_second_delivery_changes_nothing(store: Store) -> None:

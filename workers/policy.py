@@ -135,8 +135,13 @@ async def evaluate(
     args_json: str,
     context_json: str,
     args_digest: str,
+    redacted_digest: str = "",
 ) -> str:
-    """Decide a queued request: allowed, denied or pending (with its deadline)."""
+    """Decide a queued request: allowed, denied or pending (with its deadline).
+
+    `redacted_digest` is the stored digest of the redacted args (absent from jobs enqueued by
+    an earlier version): it lets the decide skip redacting the args again.
+    """
     store, config = ctx["store"], ctx["config"]
     bound = log.bind(request_id=request_id, agent=agent, resource=resource, action=action)
     policy = ctx["policy"].current
@@ -184,6 +189,7 @@ async def evaluate(
             channel=evaluation.channel,
             notify=config.notify,
             args_json=args_json,
+            redacted_digest=redacted_digest or None,
         )
     except GateUnavailable as exc:
         await _retry_or_give_up(ctx, request_id, exc)
