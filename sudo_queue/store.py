@@ -15,6 +15,7 @@ from enum import StrEnum
 from importlib.resources import files
 from typing import TYPE_CHECKING, Any, TypeVar, cast
 
+import hiredis
 from pydantic import ValidationError
 from redis.exceptions import NoScriptError, RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
@@ -40,7 +41,7 @@ if TYPE_CHECKING:
     from redis.asyncio.connection import AbstractConnection
     from redis.commands.core import AsyncScript
 
-__all__ = ["CreateResult", "Outcome", "Store", "TransitionResult"]
+__all__ = ["CreateResult", "Outcome", "Store", "TransitionResult", "packed"]
 
 T = TypeVar("T")
 
@@ -165,7 +166,7 @@ class _Coalescer:
                 # would see it with its read; the lane sees the end of stream the event loop
                 # already read, and reconnects before sending.
                 await conn.disconnect()
-            command = conn.pack_command("EVALSHA", self._script.sha, len(keys), *keys, *args)
+            command = packed("EVALSHA", self._script.sha, len(keys), *keys, *args)
             try:
                 async with asyncio.timeout(self._lane_timeout):
                     await conn.send_packed_command(command, check_health=False)
@@ -227,6 +228,13 @@ class _Coalescer:
                 future.set_exception(reply)
             else:
                 future.set_result(reply)
+
+
+def packed(*command: str | int | float | bytes) -> bytes:
+    """`command` in the Redis protocol, as redis-py's `pack_command` gives it, packed by hiredis
+    in C (2 us for a transition, against 25 us in redis-py's Python)."""
+    # (hiredis's stub types the tuple as having one item)
+    return cast("bytes", hiredis.pack_command(cast("Any", command)))
 
 
 def _open_and_idle(conn: AbstractConnection) -> bool:

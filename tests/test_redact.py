@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import copy
+import importlib
 import io
 import json
 import logging
+import random
 from typing import Any
 
 import pytest
@@ -16,6 +18,9 @@ from sudo_queue.errors import PolicyError
 from sudo_queue.logs import configure_logging
 from sudo_queue.policy import Policy
 from sudo_queue.redact import MASK, redact_text
+
+# The module (the package's `redact` is the function).
+redact_mod = importlib.import_module("sudo_queue.redact")
 
 JWT = (
     "eyJhbGciOiJIUzI1NiIsInR5cCI6IkpXVCJ9.eyJzdWIiOiIxMjM0NTY3ODkwIn0."
@@ -177,3 +182,40 @@ def test_cyclic_log_values_do_not_crash_redaction() -> None:
     shown = redact({"event": "e", "value": loop})
     assert shown["value"]["name"] == "x"
     assert MASK in json.dumps(shown, default=str)
+
+
+def test_the_one_scan_shortcut_never_skips_what_the_patterns_mask() -> None:
+    """`redact_text` skips the eleven patterns when its one scan finds none of their literal
+    parts. One credential of each kind, in any case, alone or amid harmless words: the
+    shortcut's answer is always the patterns' own. (A trigger missing from the scan fails this.)"""
+    secrets = [
+        "-----BEGIN RSA PRIVATE KEY-----\nMIIEow\n-----END RSA PRIVATE KEY-----", JWT,
+        "sk-proj-abcdefghijklmnopqrstuvwx", "rk_live_abcdefghijklmnopqrstuvwx",
+        "AKIAIOSFODNN7EXAMPLE", "ASIAIOSFODNN7EXAMPLE", "ABIAIOSFODNN7EXAMPLE",
+        "ACCAIOSFODNN7EXAMPLE", "xoxb-123456789012-abc", "ghp_" + "a" * 36, "gho_" + "b" * 36,
+        "github_pat_" + "c" * 40, "AIza" + "d" * 35, "Authorization: Basic dXNlcjpwdw==",
+        "proxy-authorization=xyz", "Bearer abc123def456ghi", "password=hunter2",
+        "passwd: hunter2", "passphrase=hunter2", "pwd=hunter2", "secret=hunter2",
+        "token=hunter2", "apikey=hunter2", "api_key=hunter2", "API-KEY: hunter2",
+        "privatekey=hunter2", "private_key=hunter2", "access-key=hunter2", "cookie=hunter2",
+        "postgres://bob:pa55w0rd@db/prod",
+    ]  # fmt: skip
+    fillers = ["reads are safe", "order 4111", " ", "\n", ", ", "=", ":", '"', "bob", "x" * 30]
+    rng = random.Random(20261121)
+    for secret in secrets:
+        for variant in (secret, secret.lower(), secret.upper(), secret.swapcase()):
+            assert redact_text(variant) == redact_mod._mask_values(variant), variant
+        assert redact_text(secret) != secret, secret  # each is one the patterns mask
+        for _ in range(200):
+            words = [rng.choice(fillers) for _ in range(rng.randint(0, 4))]
+            words.insert(rng.randint(0, len(words)), secret)
+            text = "".join(w.swapcase() if rng.random() < 0.2 else w for w in words)
+            assert redact_text(text) == redact_mod._mask_values(text), text
+
+
+def test_non_ascii_text_always_goes_through_the_patterns() -> None:
+    """Python's IGNORECASE pairs "s" with a long s (U+017F) and "i" with a dotless i (U+0131),
+    which lower() does not: such text is never shortcut, so the patterns still mask it."""
+    for text in ("\u017fecret=hunter2", "pr\u0131vate_key=hunter2", "caf\u00e9 token=hunter2"):
+        assert redact_text(text) == redact_mod._mask_values(text)
+        assert "hunter2" not in redact_text(text)

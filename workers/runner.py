@@ -22,6 +22,8 @@ from arq.constants import abort_jobs_ss, in_progress_key_prefix, job_key_prefix,
 from redis.asyncio.connection import AbstractConnection
 from redis.exceptions import NoScriptError, RedisError
 
+from sudo_queue.store import packed
+
 __all__ = [
     "CLAIM_SCRIPT",
     "WakeableWorker",
@@ -35,6 +37,9 @@ log = structlog.get_logger(__name__)
 
 # Seconds an in-flight job gets to finish after SIGTERM before arq hands it back to the queue.
 STOP_GRACE_S = 5.0
+# Event-loop turns a claimed job needs to reach its first wait on Redis: arq's run_job and the
+# task its timeout makes, then the job function up to its decide's write.
+HEAD_START_TURNS = 3
 # The TTL arq's run_job gives a job's retry key (a literal there, not in arq.constants).
 RETRY_KEY_TTL_S = 88400
 
@@ -287,7 +292,12 @@ class WakeableWorker(Worker):
             )
             claim = False
             if self.allow_pick_jobs and self.job_counter < self.max_jobs:
-                await self._block_then_claim(block_s)
+                if await self._block_then_claim(block_s):
+                    # A head start for the jobs just claimed: they run up to their first wait
+                    # on Redis (an evaluation: its decide, which an agent waits for) before
+                    # this loop's housekeeping and next BLPOP, which nobody waits for.
+                    for _ in range(HEAD_START_TURNS):
+                        await asyncio.sleep(0)
             else:
                 # A full worker takes no token: another worker gets it, or this one once a slot
                 # is free (the token is still there then, and its BLPOP returns at once).
@@ -338,7 +348,7 @@ class WakeableWorker(Worker):
             "1" if self.allow_abort_jobs else "0",
         ]
 
-    async def _block_then_claim(self, block_s: float) -> None:
+    async def _block_then_claim(self, block_s: float) -> int:
         """BLPOP on the wake-up list, then claim: both in one round trip.
 
         Both commands go out together on a connection of the worker's own (not the pool's: it
@@ -355,7 +365,7 @@ class WakeableWorker(Worker):
         blpop = ("BLPOP", self._wake_key, block_s)
         keys = self._claim_keys()
         claim = ("EVALSHA", self._claim.sha, len(keys), *keys, *self._claim_args())
-        await conn.send_packed_command(conn.pack_commands([blpop, claim]))
+        await conn.send_packed_command(packed(*blpop) + packed(*claim))
         # A failure or a cancel while reading closes the connection (redis-py does that): no
         # late reply reaches a later command, and Redis drops a claim still queued behind the
         # BLPOP (the worker is stopping: its claim must not lock jobs that nobody runs).
@@ -365,8 +375,8 @@ class WakeableWorker(Worker):
         except NoScriptError:
             # Redis lost its scripts (a restart, SCRIPT FLUSH): a claim of its own loads it.
             await self._claim_jobs()
-        else:
-            await self._start_claimed(reply)
+            return 0
+        return await self._start_claimed(reply)
 
     async def _claim_jobs(self) -> None:
         """A claim on its own: at the start, after a cron enqueue, after a script flush."""
@@ -374,8 +384,10 @@ class WakeableWorker(Worker):
             await self._claim(keys=self._claim_keys(), args=self._claim_args())
         )
 
-    async def _start_claimed(self, reply: list[Any]) -> None:
-        """Start a task for each job of a claim's reply, and note when the next job is due."""
+    async def _start_claimed(self, reply: list[Any]) -> int:
+        """Start a task for each job of a claim's reply, and note when the next job is due;
+        the number of tasks started."""
+        started = 0
         claimed, wait_ms = reply
         wait_s = int(wait_ms) / 1000
         self._next_due_at = time.monotonic() + (self.poll_delay_s if wait_s < 0 else wait_s)
@@ -394,6 +406,8 @@ class WakeableWorker(Worker):
             task = self.loop.create_task(self._run_claimed(job_id, int(float(raw_score)), read))
             task.add_done_callback(lambda _: self._release_sem_dec_counter_on_complete())
             self.tasks[job_id] = task
+            started += 1
+        return started
 
     async def _run_claimed(self, job_id: str, score: int, read: _ClaimedRead) -> None:
         # Set in this task's own context: only this job's run_job sees it.
