@@ -237,6 +237,9 @@ class Multiplexer:
             if kind == "message":
                 data = message.get("data")
                 entry.deliver(data.decode() if isinstance(data, bytes) else str(data))
+                # The woken waiter goes first: an agent waits for it, nobody waits for this
+                # reader's next read (and messages already received are still there).
+                await asyncio.sleep(0)
             elif kind == "subscribe":
                 entry.confirmed.set()
                 # After a reconnect this is the moment news may have been missed: re-read.

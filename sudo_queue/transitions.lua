@@ -407,7 +407,12 @@ if op == 'create' then
     'redact', redact_used, 'inbox', p.inbox or '')
   if idem ~= '' then redis.call('SET', idem, id) end
   redis.call('ZADD', queued, now, id)
-  local rec = load()
+  -- The record just written, as load() would read it back (every value above is a string).
+  local rec = {status = 'queued', agent = p.agent, resource = p.resource, action = p.action,
+    args_digest = p.digest, args = p.args, context = p.context, idem = idem,
+    args_redacted = p.args_redacted, redacted_digest = p.redacted_digest, redact = redact_used,
+    inbox = p.inbox or '', retention_ms = tostring(p.retention_ms), expires_at = '',
+    min_approvals = '', notify = '', rule = '', policy_version = ''}
   eval_job(rec)
   audit(rec, 'created', 'queued', p.agent, '')
   return {'created', id}
