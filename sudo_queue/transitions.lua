@@ -135,16 +135,21 @@ do
   local function compress_words(H, W)
     for j = 17, 64 do
       local w15, w2 = W[j - 15], W[j - 2]
-      W[j] = (W[j - 16] + bxor(ror(bxor(w15, ror(w15, 11)), 7), rshift(w15, 3)) + W[j - 7]
-        + bxor(ror(bxor(w2, ror(w2, 2)), 17), rshift(w2, 10))) % M32
+      W[j] = (W[j - 16] + bxor(ror(w15, 7), ror(w15, 18), rshift(w15, 3)) + W[j - 7]
+        + bxor(ror(w2, 17), ror(w2, 19), rshift(w2, 10))) % M32
     end
+    -- Library calls are most of the cost, so each round makes as few as it can (11, not the
+    -- textbook's 17), on words kept in 0 <= x < 2^32 (a sum of them is exact in a double):
+    --   Sigma1(e) = ror(e xor ror(e, 5) xor ror(e, 19), 6), and Sigma0 alike;
+    --   Ch(e,f,g) = (e and f) + ((not e) and g): the two have no bit in common, and not e is
+    --     2^32 - 1 - e;
+    --   Maj(a,b,c) = (a + b + c - (a xor b xor c)) / 2: per bit, a + b + c is the xor plus
+    --     twice the majority (a full adder's sum and carry).
     local a, b, c, d, e, f, g, h = H[1], H[2], H[3], H[4], H[5], H[6], H[7], H[8]
     for j = 1, 64 do
-      -- Sigma1(e) = ror(e xor ror(e, 5) xor ror(e, 19), 6): one call fewer than the textbook
-      -- form; Ch(e,f,g) = g xor (e and (f xor g)); Maj(a,b,c) = (a and b) + (c and (a xor b)).
-      local t1 = h + ror(bxor(e, ror(e, 5), ror(e, 19)), 6) + bxor(g, band(e, bxor(f, g)))
+      local t1 = h + ror(bxor(e, ror(e, 5), ror(e, 19)), 6) + band(e, f) + band(4294967295 - e, g)
         + K[j] + W[j]
-      local t2 = ror(bxor(a, ror(a, 11), ror(a, 20)), 2) + band(a, b) + band(c, bxor(a, b))
+      local t2 = ror(bxor(a, ror(a, 11), ror(a, 20)), 2) + (a + b + c - bxor(a, b, c) % M32) / 2
       h, g, f, e = g, f, e, (d + t1) % M32
       d, c, b, a = c, b, a, (t1 + t2) % M32
     end
