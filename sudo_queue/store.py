@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 import hiredis
 from pydantic import ValidationError
-from redis.exceptions import NoScriptError, RedisError
+from redis.exceptions import NoScriptError, RedisError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from .audit import clip_reason, entry_bodies, hmac_pad_states
@@ -111,10 +111,11 @@ class _Coalescer:
 
     200 agents of one Gate, or the jobs of one busy worker, resume together and each starts a
     transition: sent one by one, every call costs a connection from the pool, a write, a read,
-    and the same again in Redis. The first call of a turn goes out at once (a lone agent waits
-    for nothing); the calls that follow it in the same turn go out at its end as one pipeline,
-    sharing a connection, a write and a read. A pipeline is not a transaction: each call is
-    still one script, atomic on its own, and gets its own reply or error.
+    and the same again in Redis. The first call of a turn goes out at once on the lane (a lone
+    agent waits for nothing, see `_on_lane`); the calls that follow it in the same turn, or
+    that find the lane busy, go out at the turn's end as one pipeline, sharing a connection, a
+    write and a read. A pipeline is not a transaction: each call is still one script, atomic on
+    its own, and gets its own reply or error. hiredis packs every call (`packed`).
     """
 
     def __init__(self, redis: Redis, script: AsyncScript) -> None:
@@ -132,9 +133,8 @@ class _Coalescer:
         if not self._turn_open:
             self._turn_open = True
             loop.call_soon(self._end_turn)  # after the coroutines that run in this turn
-            if self._lane_busy:
-                return await self._script(keys=keys, args=args)
-            return await self._on_lane(keys, args)
+            if not self._lane_busy:
+                return await self._on_lane(keys, args)
         future: asyncio.Future[Any] = loop.create_future()
         self._queued.append((keys, args, future))
         return await future
@@ -197,15 +197,8 @@ class _Coalescer:
     async def _send(self, batch: list[tuple[list[str], list[str], asyncio.Future[Any]]]) -> None:
         replies: list[Any]
         try:
-            if len(batch) == 1:
-                keys, args, _ = batch[0]
-                replies = [await self._script(keys=keys, args=args)]
-            else:
-                async with self._redis.pipeline(transaction=False) as pipe:
-                    for keys, args, _ in batch:
-                        pipe.evalsha(self._script.sha, len(keys), *keys, *args)
-                    replies = await pipe.execute(raise_on_error=False)
-                for i, reply in enumerate(replies):
+            replies = await self._pipelined([(keys, args) for keys, args, _ in batch])
+            for i, reply in enumerate(replies):
                     if isinstance(reply, NoScriptError):
                         # Redis lost its scripts (a restart, SCRIPT FLUSH): the script object
                         # loads it again. Nothing ran for this call, so sending it again is safe.
@@ -228,6 +221,30 @@ class _Coalescer:
                 future.set_exception(reply)
             else:
                 future.set_result(reply)
+
+    async def _pipelined(self, calls: list[tuple[list[str], list[str]]]) -> list[Any]:
+        """The calls as one pipeline on a pooled connection: one write, the replies in order,
+        an error reply in its call's place (as redis-py's `execute(raise_on_error=False)`).
+
+        A broken connection raises (redis-py closes it, so no late reply reaches another use).
+        """
+        pool = self._redis.connection_pool
+        conn = await pool.get_connection()
+        try:
+            sha = self._script.sha
+            await conn.send_packed_command(
+                b"".join(packed("EVALSHA", sha, len(k), *k, *a) for k, a in calls),
+                check_health=False,
+            )
+            replies: list[Any] = []
+            for _ in calls:
+                try:
+                    replies.append(await conn.read_response())
+                except ResponseError as exc:  # an error reply, read whole: the rest follow
+                    replies.append(exc)
+            return replies
+        finally:
+            await pool.release(conn)
 
 
 def packed(*command: str | int | float | bytes) -> bytes:
