@@ -199,14 +199,14 @@ class _Coalescer:
         try:
             replies = await self._pipelined([(keys, args) for keys, args, _ in batch])
             for i, reply in enumerate(replies):
-                    if isinstance(reply, NoScriptError):
-                        # Redis lost its scripts (a restart, SCRIPT FLUSH): the script object
-                        # loads it again. Nothing ran for this call, so sending it again is safe.
-                        keys, args, _ = batch[i]
-                        try:
-                            replies[i] = await self._script(keys=keys, args=args)
-                        except Exception as exc:
-                            replies[i] = exc
+                if isinstance(reply, NoScriptError):
+                    # Redis lost its scripts (a restart, SCRIPT FLUSH): the script object
+                    # loads it again. Nothing ran for this call, so sending it again is safe.
+                    keys, args, _ = batch[i]
+                    try:
+                        replies[i] = await self._script(keys=keys, args=args)
+                    except Exception as exc:
+                        replies[i] = exc
         except Exception as exc:
             # Whether the calls ran is unknown (as for any call whose connection broke):
             # every caller gets the error, which _guard turns into GateUnavailable.

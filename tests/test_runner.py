@@ -21,8 +21,10 @@ from arq.connections import ArqRedis, RedisSettings, create_pool
 from arq.constants import abort_jobs_ss, in_progress_key_prefix, job_key_prefix, retry_key_prefix
 from arq.utils import timestamp_ms
 from arq.worker import func
+from redis.exceptions import ResponseError
 
 from sudo_queue import cli
+from sudo_queue.workers import runner
 from sudo_queue.workers.runner import CLAIM_SCRIPT, WakeableWorker, json_dumps, json_loads
 
 pytestmark = pytest.mark.redis_server
@@ -452,3 +454,30 @@ def test_worker_process_runs_on_uvloop_if_installed(monkeypatch: pytest.MonkeyPa
     monkeypatch.setitem(sys.modules, "uvloop", None)  # an import of it fails: not installed
     assert cli._run(worker(), uvloop_if_installed=True) == 0
     assert loops == ["uvloop", "asyncio"]
+
+
+async def test_a_batched_finish_that_redis_refuses_raises_and_leaves_the_pool_usable(
+    pool: ArqRedis,
+) -> None:
+    """The finishes' MULTI/EXEC, packed by hand: a command that fails inside EXEC (a wrong
+    type) or that Redis refuses to queue (EXECABORT) raises its error, as redis-py's pipeline
+    does, and the pool's next commands get their own replies."""
+    prefix = pool.default_queue_name
+    await pool.set(f"{prefix}:str", "x")
+    recorder = runner._Recorder()
+    recorder.set(f"{prefix}:ok", "1", px=60_000)
+    recorder.zrem(f"{prefix}:str", "job")  # WRONGTYPE at EXEC
+    with pytest.raises(ResponseError, match="WRONGTYPE"):
+        await runner._multi_exec(pool, recorder.commands)
+    assert await pool.get(f"{prefix}:ok") == b"1"  # the others of the EXEC still ran
+
+    with pytest.raises(ResponseError, match="wrong number of arguments"):
+        await runner._multi_exec(pool, [("SET", f"{prefix}:never", "1"), ("ZREM",)])
+    assert await pool.get(f"{prefix}:never") is None  # nothing of an aborted MULTI ran
+    for _ in range(3):  # whichever pooled connection comes next, no reply is left over
+        assert await pool.echo("next") == b"next"
+
+    recorder = runner._Recorder()
+    recorder.delete(f"{prefix}:ok", f"{prefix}:str")
+    await runner._multi_exec(pool, recorder.commands)
+    assert await pool.exists(f"{prefix}:ok", f"{prefix}:str") == 0

@@ -20,7 +20,8 @@ from arq import Worker
 from arq.connections import ArqRedis, create_pool
 from arq.constants import abort_jobs_ss, in_progress_key_prefix, job_key_prefix, retry_key_prefix
 from redis.asyncio.connection import AbstractConnection
-from redis.exceptions import NoScriptError, RedisError
+from redis.commands.core import CoreCommands
+from redis.exceptions import NoScriptError, RedisError, ResponseError
 
 from sudo_queue.store import packed
 
@@ -201,6 +202,44 @@ class _BatchedFinish(_PipelineStandIn):
 
     async def execute(self) -> None:
         await self._worker._finish_soon(self.commands)
+
+
+class _Recorder(CoreCommands):
+    """redis-py's command methods (set, zrem, delete ...), recording the commands they build
+    instead of sending them: arq names its finish by those methods."""
+
+    connection_pool: Any = None  # (never used: nothing is sent from here)
+
+    def __init__(self) -> None:
+        self.commands: list[tuple[Any, ...]] = []
+
+    def execute_command(self, *args: Any, **options: Any) -> None:
+        self.commands.append(args)
+
+
+async def _multi_exec(redis: ArqRedis, commands: list[tuple[Any, ...]]) -> None:
+    """`commands` in one MULTI/EXEC on a pooled connection, packed by hiredis; raises the first
+    error, as redis-py's transaction pipeline does, after reading every reply."""
+    pool = redis.connection_pool
+    conn = await pool.get_connection()
+    try:
+        await conn.send_packed_command(
+            packed("MULTI") + b"".join(packed(*c) for c in commands) + packed("EXEC"),
+            check_health=False,
+        )
+        error: ResponseError | None = None
+        for _ in range(len(commands) + 2):  # OK, a QUEUED per command, EXEC's array
+            try:
+                reply = await conn.read_response()
+            except ResponseError as exc:  # a refused command, or EXECABORT: read on
+                error = error or exc
+                continue
+            if isinstance(reply, list):
+                error = error or next((r for r in reply if isinstance(r, ResponseError)), None)
+        if error is not None:
+            raise error
+    finally:
+        await pool.release(conn)
 
 
 # What answers the next use of the worker's pool in this task, if not the pool itself: the
@@ -466,11 +505,11 @@ class WakeableWorker(Worker):
             return
         self._sending = True
         try:
-            async with cast("ArqRedis", self._pool).pipeline(transaction=True) as pipe:
-                for commands, _ in batch:
-                    for name, args, kwargs in commands:
-                        getattr(pipe, name)(*args, **kwargs)
-                await pipe.execute()
+            recorder = _Recorder()
+            for commands, _ in batch:
+                for name, args, kwargs in commands:
+                    getattr(recorder, name)(*args, **kwargs)
+            await _multi_exec(cast("ArqRedis", self._pool), recorder.commands)
         except Exception as exc:
             for _, done in batch:
                 if not done.done():  # (its waiter may have been cancelled meanwhile)
