@@ -30,7 +30,7 @@ local function load()
   local values = redis.call('HMGET', req, unpack(FIELDS))
   if not values[1] then return nil end
   local rec = {}
-  for i, name in ipairs(FIELDS) do rec[name] = values[i] or '' end
+  for i = 1, #FIELDS do rec[FIELDS[i]] = values[i] or '' end
   return rec
 end
 
@@ -47,8 +47,7 @@ local function enqueue(job_queue, job_id, fn, args, score)
   -- deferred job (an expiry) the worker learns when it is due and blocks until then.
   -- Bounded: a token only means "look at the queue now", so more than a few are noise.
   local wake = job_queue .. ':wake'
-  redis.call('LPUSH', wake, '1')
-  redis.call('LTRIM', wake, 0, 15)
+  if redis.call('LPUSH', wake, '1') > 16 then redis.call('LTRIM', wake, 0, 15) end
 end
 
 -- The redacted args' digest rides along so that the worker can pass its decision entry's body
@@ -283,27 +282,26 @@ local function append_entry(e)
   e.v, e.seq, e.time = '2', string.format('%d', seq), string.format('%d', now)
   e.alg = audit_mac == '' and 'sha256' or 'hmac-sha256'
   e.reason = clip(e.reason or '', AUDIT_REASON_MAX)
+  -- (Numeric loops and one concat: ipairs and a string per field cost more in Lua 5.1.)
   local parts, fields = {}, {}
-  for i, name in ipairs(BODY) do
-    local value = e[name] or ''
-    parts[i] = #value .. ':' .. value .. ','
+  for i = 1, #BODY do
+    local value = e[BODY[i]] or ''
+    local at = 4 * i
+    parts[at - 3], parts[at - 2], parts[at - 1], parts[at] = #value, ':', value, ','
   end
-  for _, name in ipairs(CANON) do
-    fields[#fields + 1] = name
-    fields[#fields + 1] = e[name] or ''
+  for i = 1, #CANON do
+    local name = CANON[i]
+    fields[2 * i - 1], fields[2 * i] = name, e[name] or ''
   end
   local canonical = table.concat(parts)
   local body = type(p.bodies) == 'table' and p.bodies[canonical]
-  if type(body) ~= 'string' or not string.find(body, '^' .. string.rep('%x', 64) .. '$') then
+  if type(body) ~= 'string' or #body ~= 64 or string.find(body, '[^%x]') then
     body = sha256_from(SHA256_INIT, 0, canonical)
   end
   local hash = chain_step(prev, body, seq, now)
-  fields[#fields + 1] = 'args'
-  fields[#fields + 1] = e.args or ''
-  fields[#fields + 1] = 'prev'
-  fields[#fields + 1] = prev
-  fields[#fields + 1] = 'hash'
-  fields[#fields + 1] = hash
+  local n = #fields
+  fields[n + 1], fields[n + 2], fields[n + 3], fields[n + 4] = 'args', e.args or '', 'prev', prev
+  fields[n + 5], fields[n + 6] = 'hash', hash
   redis.call('XADD', audit_key, '*', unpack(fields))
   redis.call('HSET', head_key, 'hash', hash, 'count', seq)
   trim_audit()
@@ -341,8 +339,8 @@ local function wake_up(rec, status)
   if rec.inbox == '' then return end
   local values = redis.call('HMGET', req, unpack(WAKE_FIELDS))
   local news = {}
-  for i, name in ipairs(WAKE_FIELDS) do
-    if values[i] then news[name] = values[i] end
+  for i = 1, #WAKE_FIELDS do
+    if values[i] then news[WAKE_FIELDS[i]] = values[i] end
   end
   local message = id .. ' ' .. cjson.encode(news)
   if #message > WAKE_MAX_BYTES then message = id end
@@ -352,15 +350,20 @@ end
 local function finish(rec, status, actor, reason)
   redis.call('HSET', req, 'status', status, 'decided_at', now, 'decided_by', actor)
   if reason and reason ~= '' then redis.call('HSET', req, 'reason', reason) end
-  redis.call('ZREM', queued, id)
-  redis.call('ZREM', pending, id)
-  local expire_job = 'sq-expire:' .. id
-  redis.call('ZREM', queue, expire_job)
-  redis.call('DEL', job_prefix .. expire_job)
+  -- A queued request is in the queued set only; a pending one has its expiry job and votes.
+  local was_queued = rec.status == 'queued'
+  if was_queued then
+    redis.call('ZREM', queued, id)
+  else
+    redis.call('ZREM', pending, id)
+    local expire_job = 'sq-expire:' .. id
+    redis.call('ZREM', queue, expire_job)
+    redis.call('DEL', job_prefix .. expire_job)
+  end
   local retention = tonumber(rec.retention_ms)
   if retention and retention > 0 then
     redis.call('PEXPIRE', req, retention)
-    redis.call('PEXPIRE', votes, retention)
+    if not was_queued then redis.call('PEXPIRE', votes, retention) end
     if rec.idem ~= '' then redis.call('PEXPIRE', rec.idem, retention) end
   end
   notify(rec, status)
