@@ -111,11 +111,11 @@ class _Coalescer:
 
     200 agents of one Gate, or the jobs of one busy worker, resume together and each starts a
     transition: sent one by one, every call costs a connection from the pool, a write, a read,
-    and the same again in Redis. The first call of a turn goes out at once on the lane (a lone
-    agent waits for nothing, see `_on_lane`); the calls that follow it in the same turn, or
-    that find the lane busy, go out at the turn's end as one pipeline, sharing a connection, a
-    write and a read. A pipeline is not a transaction: each call is still one script, atomic on
-    its own, and gets its own reply or error. hiredis packs every call (`packed`).
+    and the same again in Redis. The first call of a turn goes out at once (a lone agent waits
+    for nothing); the calls that follow it in the same turn go out at its end as one pipeline,
+    sharing a connection, a write and a read. A pipeline is not a transaction: each call is
+    still one script, atomic on its own, and gets its own reply or error. Both go on lanes
+    (`_exchange`), packed by hiredis (`packed`).
     """
 
     def __init__(self, redis: Redis, script: AsyncScript) -> None:
@@ -124,8 +124,7 @@ class _Coalescer:
         self._turn_open = False
         self._queued: list[tuple[list[str], list[str], asyncio.Future[Any]]] = []
         self._sending: set[asyncio.Task[None]] = set()
-        self._lane: AbstractConnection | None = None
-        self._lane_busy = False
+        self._lanes: list[AbstractConnection] = []  # idle ones
         self._lane_timeout: float | None = None
 
     async def __call__(self, keys: list[str], args: list[str]) -> Any:
@@ -133,55 +132,63 @@ class _Coalescer:
         if not self._turn_open:
             self._turn_open = True
             loop.call_soon(self._end_turn)  # after the coroutines that run in this turn
-            if not self._lane_busy:
-                return await self._on_lane(keys, args)
+            return await self._alone(keys, args)
         future: asyncio.Future[Any] = loop.create_future()
         self._queued.append((keys, args, future))
         return await future
 
-    async def _on_lane(self, keys: list[str], args: list[str]) -> Any:
-        """One call on the lane: a connection of the pool's that this object keeps for itself.
-
-        A call through the client costs a pool checkout (whose readiness check waits a whole
-        event-loop turn for a read that times out), a task for the write's timeout and a timer
-        for the read's: more CPU than the script itself takes in Redis. Here one timeout bounds
-        the write and the read together, as `socket_timeout` bounds each. The lane carries one
-        call at a time; a call that finds it busy goes through the client. The pool closes the
-        lane with the others, and a broken or cancelled exchange closes it (redis-py's
-        read_response does that) so no late reply can answer a later call.
-        """
-        self._lane_busy = True
-        try:
-            conn = self._lane
-            if conn is None:
-                pool = self._redis.connection_pool
-                conn = cast("AbstractConnection", await pool.get_connection())
-                self._lane_timeout = conn.socket_timeout
-                # The lane's own timeout below bounds the exchange; a `socket_timeout` on the
-                # connection would make redis-py run each write in a task of its own.
-                conn.socket_timeout = None
-                self._lane = conn
-            if not _open_and_idle(conn):
-                # Closed by the server meanwhile (a restart, a timeout): the pool's checkout
-                # would see it with its read; the lane sees the end of stream the event loop
-                # already read, and reconnects before sending.
-                await conn.disconnect()
-            command = packed("EVALSHA", self._script.sha, len(keys), *keys, *args)
-            try:
-                async with asyncio.timeout(self._lane_timeout):
-                    await conn.send_packed_command(command, check_health=False)
-                    return await conn.read_response()
-            except TimeoutError:
-                await conn.disconnect(nowait=True)
-                raise RedisTimeoutError(
-                    f"Redis did not answer within {self._lane_timeout:g}s"
-                ) from None
-        except NoScriptError:
+    async def _alone(self, keys: list[str], args: list[str]) -> Any:
+        """One call, sent at once on a lane."""
+        command = packed("EVALSHA", self._script.sha, len(keys), *keys, *args)
+        (reply,) = await self._exchange(command, 1)
+        if isinstance(reply, NoScriptError):
             # Redis lost its scripts (a restart, SCRIPT FLUSH); nothing ran. The client's
             # script object loads the script again and sends the call.
             return await self._script(keys=keys, args=args)
+        if isinstance(reply, ResponseError):
+            raise reply
+        return reply
+
+    async def _exchange(self, command: bytes, replies: int) -> list[Any]:
+        """Send `command` on a lane and read its `replies`, an error reply in its place.
+
+        A lane is a connection of the pool's that this object keeps for itself. A call through
+        the client costs a pool checkout (whose readiness check waits a whole event-loop turn
+        for a read that times out), a task for the write's timeout and a timer for the read's:
+        more CPU than the script itself takes in Redis. On a lane one timeout bounds the write
+        and the reads together, as `socket_timeout` bounds each, and a lane that the server
+        closed meanwhile is seen from the end of stream the event loop already read. A broken,
+        timed-out or cancelled exchange closes the lane (redis-py's reads do that), so no late
+        reply can answer a later call; it reconnects on its next use. The pool closes the
+        lanes with its other connections.
+        """
+        if self._lanes:
+            conn = self._lanes.pop()
+            if not _open_and_idle(conn):
+                await conn.disconnect()
+        else:
+            conn = cast("AbstractConnection", await self._redis.connection_pool.get_connection())
+            self._lane_timeout = conn.socket_timeout
+            # The lane's own timeout bounds the exchange; a `socket_timeout` on the connection
+            # would make redis-py run each write in a task of its own.
+            conn.socket_timeout = None
+        try:
+            async with asyncio.timeout(self._lane_timeout):
+                await conn.send_packed_command(command, check_health=False)
+                out: list[Any] = []
+                for _ in range(replies):
+                    try:
+                        out.append(await conn.read_response())
+                    except ResponseError as exc:  # read whole: the next replies follow
+                        out.append(exc)
+                return out
+        except TimeoutError:
+            await conn.disconnect(nowait=True)
+            raise RedisTimeoutError(
+                f"Redis did not answer within {self._lane_timeout:g}s"
+            ) from None
         finally:
-            self._lane_busy = False
+            self._lanes.append(conn)
 
     def _end_turn(self) -> None:
         self._turn_open = False
@@ -223,28 +230,11 @@ class _Coalescer:
                 future.set_result(reply)
 
     async def _pipelined(self, calls: list[tuple[list[str], list[str]]]) -> list[Any]:
-        """The calls as one pipeline on a pooled connection: one write, the replies in order,
-        an error reply in its call's place (as redis-py's `execute(raise_on_error=False)`).
-
-        A broken connection raises (redis-py closes it, so no late reply reaches another use).
-        """
-        pool = self._redis.connection_pool
-        conn = await pool.get_connection()
-        try:
-            sha = self._script.sha
-            await conn.send_packed_command(
-                b"".join(packed("EVALSHA", sha, len(k), *k, *a) for k, a in calls),
-                check_health=False,
-            )
-            replies: list[Any] = []
-            for _ in calls:
-                try:
-                    replies.append(await conn.read_response())
-                except ResponseError as exc:  # an error reply, read whole: the rest follow
-                    replies.append(exc)
-            return replies
-        finally:
-            await pool.release(conn)
+        """The calls as one pipeline on a lane: one write, the replies in order, an error reply
+        in its call's place (as redis-py's `execute(raise_on_error=False)`)."""
+        sha = self._script.sha
+        command = b"".join(packed("EVALSHA", sha, len(k), *k, *a) for k, a in calls)
+        return await self._exchange(command, len(calls))
 
 
 def packed(*command: str | int | float | bytes) -> bytes:

@@ -401,3 +401,49 @@ async def test_a_caller_that_stops_waiting_does_not_cancel_the_others(real_redis
     # The batch was sent as a whole: the cancelled caller's request exists too, as it would if
     # its own call had been cancelled after sending.
     assert await real_redis.zcard(store.keys.queued) == 10
+
+
+# -- lanes: the connections transitions go out on ----------------------------------------------
+
+BUSY_SCRIPT = "local t = redis.call('TIME') local s = t[1] * 1e6 + t[2] " + (
+    "repeat t = redis.call('TIME') until t[1] * 1e6 + t[2] - s > tonumber(ARGV[1]) * 1e6"
+)
+
+
+async def test_a_lane_whose_caller_gave_up_answers_the_next_call_with_its_own_reply(
+    real_redis: Redis,
+) -> None:
+    """A caller cancelled while its transition waits on Redis: its lane is closed, so the
+    late reply can never answer a later call, which gets its own (created, then refused)."""
+    store = Store(real_redis)
+    await create(store, "warm")  # a lane exists and is idle
+    other = Redis(connection_pool=real_redis.connection_pool)  # another connection of the pool
+    busy = asyncio.create_task(other.eval(BUSY_SCRIPT, 0, "0.3"))  # Redis busy for 0.3 s
+    await asyncio.sleep(0.05)
+    with pytest.raises(TimeoutError):
+        async with asyncio.timeout(0.05):
+            await create(store, "late")  # sent, then given up while Redis is busy
+    await busy
+    assert (await store.get("late")) is not None  # it ran; its reply was dropped with the lane
+    with pytest.raises(GateUnavailable, match="refused"):
+        await create(store, "late")  # the same id again: its own reply says "exists"
+    await create(store, "after")
+    assert (await store.get("after")) is not None
+
+
+async def test_a_lane_that_redis_does_not_answer_in_time_says_so(redis_url: str) -> None:
+    """The lane keeps the client's socket_timeout: a frozen Redis gives a clear error, not a
+    hang, and the next call goes through once Redis answers again."""
+    client = Redis.from_url(redis_url, decode_responses=True, socket_timeout=0.1)
+    busy_client = Redis.from_url(redis_url, decode_responses=True)
+    store = Store(client)
+    await create(store, "warm")
+    busy = asyncio.create_task(busy_client.eval(BUSY_SCRIPT, 0, "0.4"))
+    await asyncio.sleep(0.05)
+    with pytest.raises(GateUnavailable, match=r"did not answer within 0\.1s"):
+        await create(store, "frozen")
+    await busy
+    await create(store, "after")
+    assert (await store.get("after")) is not None
+    await client.aclose()
+    await busy_client.aclose()
