@@ -12,6 +12,7 @@ bearer token, a PEM block). Extra key patterns come from the policy file.
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Iterable, Mapping, MutableMapping, Sequence
 from typing import Any
@@ -117,10 +118,19 @@ def normalize_key(key: str) -> str:
 
 
 def _secret_key(key: str, patterns: tuple[str, ...]) -> bool:
+    """Whether `key` names a secret. Args repeat the same few keys call after call: short ones
+    are remembered (a bounded cache; a long key, rare, is not worth its memory)."""
+    if len(key) > 64:
+        return _names_secret(key, patterns)
+    return _names_secret_cached(key, patterns)
+
+
+def _names_secret(key: str, patterns: tuple[str, ...]) -> bool:
     norm = normalize_key(key)
-    if not norm:
-        return False
-    return any(norm == p or norm.endswith(p) for p in patterns)
+    return bool(norm) and norm.endswith(patterns)  # (equal to one is ending with it)
+
+
+_names_secret_cached = functools.lru_cache(maxsize=4096)(_names_secret)
 
 
 def redact_text(text: str) -> str:
@@ -137,8 +147,14 @@ def _mask_values(text: str) -> str:
 
 
 def _key_patterns(extra_keys: Iterable[str]) -> tuple[str, ...]:
-    extra = tuple(n for n in (normalize_key(k) for k in extra_keys) if n)
-    return SECRET_KEYS + extra
+    if not extra_keys:
+        return SECRET_KEYS
+    return _with_extra(tuple(extra_keys))
+
+
+@functools.lru_cache(maxsize=64)  # (the policy's few patterns, one set per policy version)
+def _with_extra(extra_keys: tuple[str, ...]) -> tuple[str, ...]:
+    return SECRET_KEYS + tuple(n for n in (normalize_key(k) for k in extra_keys) if n)
 
 
 def _redact(value: Any, patterns: tuple[str, ...], depth: int = 0) -> Any:
