@@ -125,6 +125,8 @@ class _Coalescer:
         self._queued: list[tuple[list[str], list[str], asyncio.Future[Any]]] = []
         self._sending: set[asyncio.Task[None]] = set()
         self._lanes: list[AbstractConnection] = []  # idle ones
+        self._lane_count = 0
+        self._lane_waits: list[asyncio.Future[AbstractConnection]] = []  # pipelines waiting
         self._lane_timeout: float | None = None
 
     async def __call__(self, keys: list[str], args: list[str]) -> Any:
@@ -132,7 +134,9 @@ class _Coalescer:
         if not self._turn_open:
             self._turn_open = True
             loop.call_soon(self._end_turn)  # after the coroutines that run in this turn
-            return await self._alone(keys, args)
+            if self._lanes or self._lane_count < MAX_LANES:
+                return await self._alone(keys, args)
+            # Every lane is busy (a loaded process): this call joins the turn's pipeline.
         future: asyncio.Future[Any] = loop.create_future()
         self._queued.append((keys, args, future))
         return await future
@@ -162,16 +166,7 @@ class _Coalescer:
         reply can answer a later call; it reconnects on its next use. The pool closes the
         lanes with its other connections.
         """
-        if self._lanes:
-            conn = self._lanes.pop()
-            if not _open_and_idle(conn):
-                await conn.disconnect()
-        else:
-            conn = cast("AbstractConnection", await self._redis.connection_pool.get_connection())
-            self._lane_timeout = conn.socket_timeout
-            # The lane's own timeout bounds the exchange; a `socket_timeout` on the connection
-            # would make redis-py run each write in a task of its own.
-            conn.socket_timeout = None
+        conn = await self._take_lane()
         try:
             async with asyncio.timeout(self._lane_timeout):
                 await conn.send_packed_command(command, check_health=False)
@@ -188,7 +183,48 @@ class _Coalescer:
                 f"Redis did not answer within {self._lane_timeout:g}s"
             ) from None
         finally:
-            self._lanes.append(conn)
+            self._give_back(conn)
+
+    def _give_back(self, conn: AbstractConnection) -> None:
+        """Hand `conn` to the pipeline that has waited longest for a lane, or keep it idle."""
+        while self._lane_waits:
+            waiting = self._lane_waits.pop(0)
+            if not waiting.done():  # (its task may have been cancelled meanwhile)
+                waiting.set_result(conn)
+                return
+        self._lanes.append(conn)
+
+    async def _take_lane(self) -> AbstractConnection:
+        """An idle lane, a new one (up to MAX_LANES), or the next one to come free."""
+        if self._lanes:
+            conn = self._lanes.pop()
+        elif self._lane_count >= MAX_LANES:
+            free: asyncio.Future[AbstractConnection] = asyncio.get_running_loop().create_future()
+            self._lane_waits.append(free)
+            try:
+                conn = await free
+            except asyncio.CancelledError:
+                if free.done() and not free.cancelled():  # handed over as this was cancelled
+                    self._give_back(free.result())
+                raise
+        else:
+            return await self._new_lane()
+        if not _open_and_idle(conn):
+            await conn.disconnect()
+        return conn
+
+    async def _new_lane(self) -> AbstractConnection:
+        self._lane_count += 1
+        try:
+            conn = cast("AbstractConnection", await self._redis.connection_pool.get_connection())
+        except BaseException:
+            self._lane_count -= 1
+            raise
+        self._lane_timeout = conn.socket_timeout
+        # The lane's own timeout bounds the exchange; a `socket_timeout` on the connection
+        # would make redis-py run each write in a task of its own.
+        conn.socket_timeout = None
+        return conn
 
     def _end_turn(self) -> None:
         self._turn_open = False
@@ -235,6 +271,12 @@ class _Coalescer:
         sha = self._script.sha
         command = b"".join(packed("EVALSHA", sha, len(k), *k, *a) for k, a in calls)
         return await self._exchange(command, len(calls))
+
+
+# Lanes one store keeps at most. A loaded process sends its calls as bigger pipelines on these
+# rather than open connection after connection: a burst of connects can overflow Redis's accept
+# queue, and a dropped SYN costs a second or more.
+MAX_LANES = 16
 
 
 def packed(*command: str | int | float | bytes) -> bytes:

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import json
+import random
 
 import pytest
 from redis.asyncio import Redis
 
+from sudo_queue import store as store_module
 from sudo_queue.errors import GateUnavailable
 from sudo_queue.models import Status, canonical_json, digest
 from sudo_queue.store import Outcome, Store
@@ -447,3 +449,27 @@ async def test_a_lane_that_redis_does_not_answer_in_time_says_so(redis_url: str)
     assert (await store.get("after")) is not None
     await client.aclose()
     await busy_client.aclose()
+
+
+async def test_a_loaded_store_keeps_to_its_lanes_and_serves_every_call(real_redis: Redis) -> None:
+    """200 agents creating one request after another, resumed at scattered moments as their
+    wake-ups arrive, while Redis is slow: at most MAX_LANES connections carry the calls (the
+    rest wait in pipelines for the next free lane, oldest first), and every call completes."""
+    store = Store(real_redis)
+    created: list[str] = []
+    rng = random.Random(7)
+
+    async def agent(n: int) -> None:
+        for i in range(5):
+            await asyncio.sleep(rng.random() * 0.002)
+            await create(store, f"a{n}-{i}")
+            created.append(f"a{n}-{i}")
+
+    other = Redis(connection_pool=real_redis.connection_pool)
+    async with asyncio.timeout(30):
+        # Redis busy for a while meanwhile: the calls pile up, as under a heavy load.
+        await asyncio.gather(other.eval(BUSY_SCRIPT, 0, "0.2"), *(agent(n) for n in range(200)))
+    assert len(created) == 1000
+    assert await real_redis.zcard(store.keys.queued) == 1000
+    clients = await real_redis.client_list()
+    assert len(clients) <= store_module.MAX_LANES + 2  # the lanes, the pool's own, this check
