@@ -536,10 +536,11 @@ class WakeableWorker(Worker):
                 self._blocking = None
 
     async def run_job(self, job_id: str, score: int) -> None:
-        # Each job runs in a task of its own: this binding reaches every line logged while the
-        # job runs (ours and arq's own, see sudo_queue.logs) and nothing outside it.
-        with structlog.contextvars.bound_contextvars(**job_log_context(job_id)):
-            await super().run_job(job_id, score)
+        # Each job runs in a task of its own (arq's start_jobs, or _start_claimed), with its own
+        # copy of the context: this binding reaches every line logged while the job runs (ours
+        # and arq's own, see sudo_queue.logs) and nothing outside the task, which ends with it.
+        structlog.contextvars.bind_contextvars(**job_log_context(job_id))
+        await super().run_job(job_id, score)
 
 
 def job_log_context(job_id: str) -> dict[str, str]:
