@@ -439,10 +439,8 @@ def _inbox_news(
             raise ValueError("not a JSON object of strings")
         if fields.get("args_digest") != args_digest:
             raise ValueError("not about the args this Gate asked for")
-        # The same fields, read the same way, as store.parse_record and RequestRecord.decision;
-        # each is already of its type (strings checked above, the status and times parsed),
-        # so the model is built without validating them again.
-        decision = Decision.model_construct(
+        # The same fields, read the same way, as store.parse_record and RequestRecord.decision.
+        decision = Decision(
             request_id=request_id,
             status=Status(fields["status"]),
             reason=fields.get("reason") or None,
