@@ -209,17 +209,24 @@ def run(
     ours, polling = figures
     for f in figures:
         print(_describe(f))
-    print("resume after approval (per request: returned minus its approval committed):")
+    print(
+        "resume after approval (per request: returned minus its approval committed, timed when "
+        "the approver's call returned; the waiter's message and the approver's reply leave "
+        "Redis together, so a waiter may return first, below 0):"
+    )
     print(table([f.result() for f in figures]))
     print("stock arq worker: not on this path (waiting and resuming involve no worker)")
     per_waiter_ours = ours.waiters_cmd_s / ours.waiters
     per_waiter_poll = polling.waiters_cmd_s / polling.waiters
-    sooner = polling.result().p["p50"] / ours.result().p["p50"]
+    # Compared where sudo-queue's figure is above 0 (see the note above the table).
+    at = next((q for q in ("p50", "p90", "p99", "max") if ours.result().p[q] > 0), "max")
+    mine = ours.result().p[at]
+    sooner = polling.result().p[at] / mine if mine > 0 else float("nan")
     if per_waiter_ours > 0:
         cheaper = f"{per_waiter_poll / per_waiter_ours:,.0f}x fewer Redis commands/s per waiter"
     else:
         cheaper = f"no Redis command in {window_s:g} s (polling: {polling.waiters_cmd_s:,.0f}/s)"
-    print(f"ratios: sudo-queue waiters cost {cheaper} and resume {sooner:,.0f}x sooner at p50")
+    print(f"ratios: sudo-queue waiters cost {cheaper} and resume {sooner:,.0f}x sooner at {at}")
     one = ours.pubsub_connections == 1
     print(
         f"goal  pub/sub connections of the agent: {ours.pubsub_connections} "
