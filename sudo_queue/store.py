@@ -41,7 +41,7 @@ if TYPE_CHECKING:
     from redis.asyncio.connection import AbstractConnection
     from redis.commands.core import AsyncScript
 
-__all__ = ["CreateResult", "Outcome", "Store", "TransitionResult", "packed"]
+__all__ = ["CreateResult", "Outcome", "Store", "TransitionResult", "packed", "read_replies"]
 
 T = TypeVar("T")
 
@@ -170,13 +170,7 @@ class _Coalescer:
         try:
             async with asyncio.timeout(self._lane_timeout):
                 await conn.send_packed_command(command, check_health=False)
-                out: list[Any] = []
-                for _ in range(replies):
-                    try:
-                        out.append(await conn.read_response())
-                    except ResponseError as exc:  # read whole: the next replies follow
-                        out.append(exc)
-                return out
+                return await read_replies(conn, replies)
         except TimeoutError:
             await conn.disconnect(nowait=True)
             raise RedisTimeoutError(
@@ -284,6 +278,18 @@ def packed(*command: str | int | float | bytes) -> bytes:
     in C (2 us for a transition, against 25 us in redis-py's Python)."""
     # (hiredis's stub types the tuple as having one item)
     return cast("bytes", hiredis.pack_command(cast("Any", command)))
+
+
+async def read_replies(conn: AbstractConnection, count: int) -> list[Any]:
+    """The next `count` replies on `conn`, an error reply (read whole, so the replies after it
+    follow) as its ResponseError in its place."""
+    out: list[Any] = []
+    for _ in range(count):
+        try:
+            out.append(await conn.read_response())
+        except ResponseError as exc:
+            out.append(exc)
+    return out
 
 
 def _open_and_idle(conn: AbstractConnection) -> bool:

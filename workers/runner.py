@@ -23,7 +23,7 @@ from redis.asyncio.connection import AbstractConnection
 from redis.commands.core import CoreCommands
 from redis.exceptions import NoScriptError, RedisError, ResponseError
 
-from sudo_queue.store import packed
+from sudo_queue.store import packed, read_replies
 
 __all__ = [
     "CLAIM_SCRIPT",
@@ -227,17 +227,12 @@ async def _multi_exec(redis: ArqRedis, commands: list[tuple[Any, ...]]) -> None:
             packed("MULTI") + b"".join(packed(*c) for c in commands) + packed("EXEC"),
             check_health=False,
         )
-        error: ResponseError | None = None
-        for _ in range(len(commands) + 2):  # OK, a QUEUED per command, EXEC's array
-            try:
-                reply = await conn.read_response()
-            except ResponseError as exc:  # a refused command, or EXECABORT: read on
-                error = error or exc
-                continue
-            if isinstance(reply, list):
-                error = error or next((r for r in reply if isinstance(r, ResponseError)), None)
-        if error is not None:
-            raise error
+        # OK, a QUEUED (or a refusal) per command, then EXEC's array (or EXECABORT).
+        replies = await read_replies(conn, len(commands) + 2)
+        exec_reply = replies[-1] if isinstance(replies[-1], list) else []
+        for reply in [*replies, *exec_reply]:
+            if isinstance(reply, ResponseError):
+                raise reply
     finally:
         await pool.release(conn)
 
