@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import functools
 import inspect
 import json
@@ -38,7 +37,7 @@ from .multiplexer import Multiplexer, Wake
 from .store import CreateResult, Outcome, Store
 
 if TYPE_CHECKING:
-    from collections.abc import Awaitable, Callable
+    from collections.abc import Awaitable, Callable, Coroutine
     from datetime import datetime
     from types import TracebackType
 
@@ -225,10 +224,6 @@ class Gate:
         agent longer than it asked for.
         """
         started = time.monotonic()
-
-        def remaining() -> float | None:
-            return None if timeout is None else max(timeout - (time.monotonic() - started), 0)
-
         # Once the Gate's inbox is subscribed (the first call starts that, without waiting for
         # it), registering for the new id before creating the request is DESIGN.md's
         # subscribe-then-read: the create's own answer (queued) is the read, and any transition
@@ -246,8 +241,8 @@ class Gate:
                 if found.created:
                     return await self._decided(
                         new_id,
-                        lambda: self._wait_on(new_id, wake, created_digest=args_digest),
-                        remaining(),
+                        self._wait_on(new_id, wake, created_digest=args_digest),
+                        _left(timeout, started),
                         reported=timeout,
                     )
         else:
@@ -255,7 +250,10 @@ class Gate:
                 timeout, resource, action, args, key, context, uuid.uuid4().hex, ""
             )
         return await self._decided(
-            found.request_id, lambda: self._wait(found.request_id), remaining(), reported=timeout
+            found.request_id,
+            self._wait(found.request_id),
+            _left(timeout, started),
+            reported=timeout,
         )
 
     async def _submit_within(self, timeout: float | None, *args: Any) -> tuple[CreateResult, str]:
@@ -271,12 +269,12 @@ class Gate:
 
     async def wait(self, request_id: str, timeout: float | None = None) -> Decision:
         """Wait for the request's decision; the request stays open if `timeout` runs out."""
-        return await self._decided(request_id, lambda: self._wait(request_id), timeout)
+        return await self._decided(request_id, self._wait(request_id), timeout)
 
     async def _decided(
         self,
         request_id: str,
-        waiting: Callable[[], Awaitable[Decision]],
+        waiting: Coroutine[Any, Any, Decision],
         timeout: float | None,
         *,
         reported: float | None = None,
@@ -285,7 +283,7 @@ class Gate:
         `reported`, the caller's whole timeout, if given) when time runs out."""
         try:
             async with asyncio.timeout(timeout):
-                decision = await waiting()
+                decision = await waiting
         except TimeoutError:
             shown = timeout if reported is None else reported
             raise WaitTimeout(request_id, shown or 0) from None
@@ -352,10 +350,7 @@ class Gate:
                     else:
                         continue
                 sleep_for = max(sleep_for, _MIN_RECHECK_S)
-            # asyncio.timeout rather than wait_for: no extra task per parked waiter.
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(sleep_for):
-                    await wake.wait()
+            await wake.wait(sleep_for)
 
     async def _read(self, request_id: str) -> tuple[Decision, datetime | None]:
         """The request's decision so far and its deadline, from the record.
@@ -418,6 +413,11 @@ class Gate:
             return guarded
 
         return decorate
+
+
+def _left(timeout: float | None, started: float) -> float | None:
+    """What remains of `timeout` seconds counted from `started` (time.monotonic)."""
+    return None if timeout is None else max(timeout - (time.monotonic() - started), 0)
 
 
 def _inbox_news(

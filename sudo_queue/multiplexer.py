@@ -1,6 +1,6 @@
 """One pub/sub connection per process, fanned out to any number of waiting coroutines.
 
-A waiter registers a `Wake` (an asyncio.Event) for a channel and gets it back once Redis has
+A waiter registers a `Wake` (an event) for a channel and gets it back once Redis has
 confirmed the subscription: only then may it read the record (DESIGN.md's subscribe-then-read
 order). Every message on the channel sets the events of its waiters and leaves its data in
 `Wake.news`; a waiter registered with a key (a Gate's inbox, where a message is '<request id>'
@@ -14,19 +14,17 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING, Any
 
 import structlog
 from redis.exceptions import RedisError
 
 if TYPE_CHECKING:
-    from collections.abc import AsyncIterator
 
     from redis.asyncio import Redis
     from redis.asyncio.client import PubSub
 
-__all__ = ["Multiplexer", "Wake"]
+__all__ = ["Listening", "Multiplexer", "Wake"]
 
 log = structlog.get_logger(__name__)
 
@@ -36,23 +34,64 @@ log = structlog.get_logger(__name__)
 PING_INTERVAL_S = 15.0
 
 
-class Wake(asyncio.Event):
-    """An Event that also keeps what set it, until `clear()`.
+class Wake:
+    """What asyncio.Event gives one waiter, and what set it, until `clear()`.
 
     `news`: the data of the latest message for this waiter (for a keyed waiter, what follows its
     key and a space; '' when the message is the key alone), or None. `stale`: a subscription was
     confirmed, so news may have been lost and only a read of the truth is up to date.
+
+    Not an asyncio.Event: an Event keeps a deque (over 600 bytes) for its waiters, and each of
+    10,000 parked requests keeps a Wake. This one keeps at most one future, made by `wait`.
     """
 
+    __slots__ = ("_future", "_set", "news", "stale")
+
     def __init__(self) -> None:
-        super().__init__()
+        self._set = False
+        self._future: asyncio.Future[None] | None = None
         self.news: str | None = None
         self.stale = False
 
+    def is_set(self) -> bool:
+        return self._set
+
+    def set(self) -> None:
+        """Set, and release whoever waits."""
+        self._set = True
+        _release(self._future)
+
     def clear(self) -> None:
-        super().clear()
+        self._set = False
         self.news = None
         self.stale = False
+
+    async def wait(self, timeout: float | None = None) -> bool:
+        """Return True once set, or False after `timeout` seconds, whichever comes first.
+
+        One coroutine waits on a Wake at a time (each `listen` gives its own).
+        """
+        if self._set:
+            return True
+        if self._future is not None:
+            raise RuntimeError("another coroutine is already waiting on this Wake")
+        loop = asyncio.get_running_loop()
+        future = self._future = loop.create_future()
+        # A timer rather than asyncio.timeout: no Timeout object and context for each of
+        # thousands of parked waiters.
+        timer = None if timeout is None else loop.call_later(timeout, _release, future)
+        try:
+            await future
+        finally:
+            self._future = None
+            if timer is not None:
+                timer.cancel()
+        return self._set
+
+
+def _release(future: asyncio.Future[None] | None) -> None:
+    if future is not None and not future.done():
+        future.set_result(None)
 
 
 class _Channel:
@@ -107,6 +146,31 @@ class _Channel:
                 wake.set()
 
 
+class Listening:
+    """`Multiplexer.listen`'s context manager: a class with slots, not a generator, because
+    each of thousands of parked requests keeps one."""
+
+    __slots__ = ("_channel", "_entry", "_key", "_mux", "_wake")
+
+    def __init__(self, mux: Multiplexer, channel: str, key: str | None) -> None:
+        self._mux = mux
+        self._channel = channel
+        self._key = key
+        self._wake = Wake()
+        self._entry: _Channel | None = None
+
+    async def __aenter__(self) -> Wake:
+        if self._entry is not None:
+            raise RuntimeError("a Listening is entered once")
+        self._entry = await self._mux._join(self._channel, self._wake, self._key)
+        return self._wake
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        entry, self._entry = self._entry, None
+        if entry is not None:
+            await self._mux._leave(self._channel, entry, self._wake, self._key)
+
+
 class Multiplexer:
     """Shares one Redis pub/sub connection among many waiters."""
 
@@ -122,33 +186,39 @@ class Multiplexer:
     def channel_count(self) -> int:
         return len(self._channels)
 
-    @asynccontextmanager
-    async def listen(self, channel: str, *, key: str | None = None) -> AsyncIterator[Wake]:
-        """Subscribe (sharing the connection) and yield a Wake set on every wake-up.
+    def listen(self, channel: str, *, key: str | None = None) -> Listening:
+        """Subscribe (sharing the connection); `async with` it for a Wake set on every wake-up.
 
         With `key`, only the channel's messages whose data is `key`, or starts with `key` and a
         space, wake this waiter (and every resubscription, as for all waiters): how many
         requests share a Gate's inbox.
         """
+        return Listening(self, channel, key)
+
+    async def _join(self, channel: str, wake: Wake, key: str | None) -> _Channel:
+        """Add `wake` to `channel` and wait for Redis to confirm the subscription."""
         if self._closed:
             raise RuntimeError("the multiplexer is closed")
-        wake = Wake()
         entry = self._channels.get(channel)
+        new = entry is None
         if entry is None:
             entry = self._channels[channel] = _Channel()
-            entry.add(wake, key)
-            self._start()
-            if self._pubsub is not None:
-                await self._send("subscribe", channel)
-        else:
-            entry.add(wake, key)
+        entry.add(wake, key)
         try:
+            if new:
+                self._start()
+                if self._pubsub is not None:
+                    await self._send("subscribe", channel)
             await entry.confirmed.wait()
-            yield wake
-        finally:
-            entry.discard(wake, key)
-            if entry.idle and entry.confirmed.is_set():
-                await self._drop(channel, entry)
+        except BaseException:
+            await self._leave(channel, entry, wake, key)
+            raise
+        return entry
+
+    async def _leave(self, channel: str, entry: _Channel, wake: Wake, key: str | None) -> None:
+        entry.discard(wake, key)
+        if entry.idle and entry.confirmed.is_set():
+            await self._drop(channel, entry)
 
     async def keep(self, channel: str) -> bool:
         """Keep `channel` subscribed until close; True once Redis has confirmed it.

@@ -10,7 +10,7 @@ import pytest_asyncio
 from redis.asyncio import Redis
 
 from sudo_queue import Gate, Status
-from sudo_queue.multiplexer import Multiplexer
+from sudo_queue.multiplexer import Multiplexer, Wake
 from sudo_queue.store import Store
 
 from .helpers import decide_as_policy
@@ -164,5 +164,69 @@ async def test_reconnect_wakes_every_keyed_waiter(real_redis: Redis) -> None:
             assert (wake_a.is_set(), wake_a.news) == (True, "old news")
             assert (wake_b.is_set(), wake_b.news) == (True, None)
         assert mux.reconnects >= 1
+    finally:
+        await mux.aclose()
+
+
+async def test_wake_wait_times_out_then_wakes_on_set() -> None:
+    """`wait(timeout)` says False when time runs out and True when set; it leaves no timer."""
+    wake = Wake()
+    loop = asyncio.get_running_loop()
+    timers_before = len(loop._scheduled)  # type: ignore[attr-defined]  # CPython's timer heap
+    assert await wake.wait(0.01) is False
+    assert not wake.is_set()
+    waiter = asyncio.create_task(wake.wait(30))
+    await asyncio.sleep(0)
+    wake.news = "r1"
+    wake.set()
+    async with asyncio.timeout(2):
+        assert await waiter is True
+    # The 30 s timer was cancelled with the wait (cancelled handles leave the heap lazily).
+    live = [t for t in loop._scheduled if not t.cancelled()]  # type: ignore[attr-defined]
+    assert len(live) <= timers_before
+    assert await wake.wait() is True  # set stays set until cleared
+    wake.clear()
+    assert (wake.is_set(), wake.news, wake.stale) == (False, None, False)
+
+
+async def test_wake_survives_a_cancelled_waiter_and_refuses_a_second() -> None:
+    """A cancelled wait leaves the Wake usable; two coroutines may not wait on one at once."""
+    wake = Wake()
+    first = asyncio.create_task(wake.wait())
+    await asyncio.sleep(0)
+    with pytest.raises(RuntimeError, match="already waiting"):
+        await wake.wait()
+    first.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await first
+    again = asyncio.create_task(wake.wait())
+    await asyncio.sleep(0)
+    wake.set()
+    async with asyncio.timeout(2):
+        assert await again is True
+
+
+async def test_cancelled_listen_leaves_no_waiter(fake_redis: Redis) -> None:
+    """A listener cancelled while its subscription is unconfirmed is removed from its channel."""
+    mux = Multiplexer(fake_redis)
+    try:
+
+        async def listen_forever() -> None:
+            async with mux.listen("sq:inbox:c", key="a"):
+                await asyncio.sleep(30)
+
+        # No reader runs yet for this channel's confirmation to arrive before the cancel.
+        listener = asyncio.create_task(listen_forever())
+        await asyncio.sleep(0)
+        assert mux.channel_count == 1
+        listener.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await listener
+        entry = mux._channels.get("sq:inbox:c")
+        assert entry is None or (not entry.keyed and not entry.waiters)
+        # Once the late confirmation arrives, the reader drops the idle channel.
+        async with asyncio.timeout(2):
+            while mux.channel_count:
+                await asyncio.sleep(0.01)
     finally:
         await mux.aclose()
