@@ -20,7 +20,6 @@ import structlog
 from redis.exceptions import RedisError
 
 if TYPE_CHECKING:
-
     from redis.asyncio import Redis
     from redis.asyncio.client import PubSub
 

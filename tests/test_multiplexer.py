@@ -226,7 +226,9 @@ async def test_cancelled_listen_leaves_no_waiter(fake_redis: Redis) -> None:
         assert entry is None or (not entry.keyed and not entry.waiters)
         # Once the late confirmation arrives, the reader drops the idle channel.
         async with asyncio.timeout(2):
-            while mux.channel_count:
+            while True:
+                if mux.channel_count == 0:
+                    break
                 await asyncio.sleep(0.01)
     finally:
         await mux.aclose()

@@ -11,6 +11,7 @@ import contextlib
 import signal
 import sys
 import uuid
+import warnings
 from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -481,3 +482,30 @@ async def test_a_batched_finish_that_redis_refuses_raises_and_leaves_the_pool_us
     recorder.delete(f"{prefix}:ok", f"{prefix}:str")
     await runner._multi_exec(pool, recorder.commands)
     assert await pool.exists(f"{prefix}:ok", f"{prefix}:str") == 0
+
+
+async def test_close_shuts_down_as_arq_does_without_warnings(pool: ArqRedis) -> None:
+    """close() runs on_shutdown, drops the health-check key and closes the pool, warning nothing
+    (arq's own close calls a method redis-py 5 deprecated)."""
+    shut_down: list[str] = []
+
+    async def on_shutdown(ctx: dict[str, Any]) -> None:
+        shut_down.append(ctx["name"])
+
+    async def job(ctx: dict[str, Any]) -> None:
+        return None
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        async with running(pool, [job], name="w-close", on_shutdown=on_shutdown) as worker:
+            await blocked_workers(pool, 1)
+            health_key = worker.health_check_key
+            async with asyncio.timeout(5):
+                while True:
+                    if await pool.exists(health_key):
+                        break
+                    await asyncio.sleep(0.01)
+    assert shut_down == ["w-close"]
+    assert not await pool.exists(health_key)
+    assert worker._pool is None
+    assert [str(w.message) for w in caught if issubclass(w.category, DeprecationWarning)] == []

@@ -524,11 +524,26 @@ class WakeableWorker(Worker):
 
     async def close(self) -> None:
         try:
-            await super().close()
+            await self._close_arq()
         finally:
             if self._blocking is not None:
                 await self._blocking.disconnect()
                 self._blocking = None
+
+    async def _close_arq(self) -> None:
+        """arq 0.28's `Worker.close`, but closing its pool with `aclose`: arq's own call,
+        `close(close_connection_pool=True)`, is deprecated in redis-py 5 and warns at every
+        shutdown."""
+        if not self._handle_signals:
+            self.handle_sig(signal.SIGUSR1)
+        if not self._pool:
+            return
+        await asyncio.gather(*self.tasks.values())
+        await self.pool.delete(self.health_check_key)
+        if self.on_shutdown:
+            await self.on_shutdown(self.ctx)
+        await self.pool.aclose(close_connection_pool=True)
+        self._pool = None
 
     async def run_job(self, job_id: str, score: int) -> None:
         # Each job runs in a task of its own (arq's start_jobs, or _start_claimed), with its own
