@@ -160,7 +160,7 @@ class Listening:
 
     async def __aenter__(self) -> Wake:
         if self._entry is not None:
-            raise RuntimeError("a Listening is entered once")
+            raise RuntimeError("this listen() is already entered; call listen() again for another")
         self._entry = await self._mux._join(self._channel, self._wake, self._key)
         return self._wake
 
