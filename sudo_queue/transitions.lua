@@ -94,9 +94,9 @@ do
     0x19a4c116, 0x1e376c08, 0x2748774c, 0x34b0bcb5, 0x391c0cb3, 0x4ed8aa4a, 0x5b9cca4f, 0x682e6ff3,
     0x748f82ee, 0x78a5636f, 0x84c87814, 0x8cc70208, 0x90befffa, 0xa4506ceb, 0xbef9a3f7, 0xc67178f2}
   local M32 = 4294967296
-  local band, bxor, rshift, ror
+  local band, bxor
   if type(bit) == 'table' then
-    band, bxor, rshift, ror = bit.band, bit.bxor, bit.rshift, bit.ror
+    band, bxor = bit.band, bit.bxor
   else
     local NX = {}  -- NX[a * 16 + b] = a xor b, for 4-bit a and b
     for a = 0, 15 do
@@ -123,32 +123,39 @@ do
       return xor2(a, b)
     end
     band = function(a, b) return (a + b - xor2(a, b)) / 2 end  -- a + b = (a xor b) + 2(a and b)
-    rshift = function(x, n) return (x - x % 2 ^ n) / 2 ^ n end
-    ror = function(x, n)
-      local low = x % 2 ^ n
-      return low * 2 ^ (32 - n) + (x - low) / 2 ^ n
-    end
   end
 
   -- One compression of the block whose 16 words are W[1..16] into the state H (W is clobbered).
+  -- Library calls are most of the cost, so each round makes as few as it can (5, not the
+  -- textbook's 17), on words kept in 0 <= x < 2^32 (a sum of them is exact in a double):
+  --   a rotation is arithmetic: ror(x, n) = (x mod 2^n) * 2^(32-n) + (x - x mod 2^n) / 2^n, and a
+  --     shift (x - x mod 2^n) / 2^n, so each Sigma and sigma is one three-way bxor;
+  --   Ch(e,f,g) = (e and f) + ((not e) and g): the two have no bit in common, and not e is
+  --     2^32 - 1 - e;
+  --   Maj(a,b,c) = (a + b + c - (a xor b xor c)) / 2: per bit, a + b + c is the xor plus
+  --     twice the majority (a full adder's sum and carry).
+  -- bxor may return a negative number (LuaBitOp's signed results): each result only enters a
+  -- sum that is reduced mod 2^32.
   local function compress_words(H, W)
     for j = 17, 64 do
-      local w15, w2 = W[j - 15], W[j - 2]
-      W[j] = (W[j - 16] + bxor(ror(w15, 7), ror(w15, 18), rshift(w15, 3)) + W[j - 7]
-        + bxor(ror(w2, 17), ror(w2, 19), rshift(w2, 10))) % M32
+      local x, y = W[j - 15], W[j - 2]
+      local x7, x18, x3 = x % 128, x % 262144, x % 8
+      local y17, y19, y10 = y % 131072, y % 524288, y % 1024
+      W[j] = (W[j - 16] + W[j - 7]
+        + bxor(x7 * 33554432 + (x - x7) / 128, x18 * 16384 + (x - x18) / 262144, (x - x3) / 8)
+        + bxor(y17 * 32768 + (y - y17) / 131072, y19 * 8192 + (y - y19) / 524288,
+          (y - y10) / 1024)) % M32
     end
-    -- Library calls are most of the cost, so each round makes as few as it can (11, not the
-    -- textbook's 17), on words kept in 0 <= x < 2^32 (a sum of them is exact in a double):
-    --   Sigma1(e) = ror(e xor ror(e, 5) xor ror(e, 19), 6), and Sigma0 alike;
-    --   Ch(e,f,g) = (e and f) + ((not e) and g): the two have no bit in common, and not e is
-    --     2^32 - 1 - e;
-    --   Maj(a,b,c) = (a + b + c - (a xor b xor c)) / 2: per bit, a + b + c is the xor plus
-    --     twice the majority (a full adder's sum and carry).
     local a, b, c, d, e, f, g, h = H[1], H[2], H[3], H[4], H[5], H[6], H[7], H[8]
     for j = 1, 64 do
-      local t1 = h + ror(bxor(e, ror(e, 5), ror(e, 19)), 6) + band(e, f) + band(4294967295 - e, g)
-        + K[j] + W[j]
-      local t2 = ror(bxor(a, ror(a, 11), ror(a, 20)), 2) + (a + b + c - bxor(a, b, c) % M32) / 2
+      local e6, e11, e25 = e % 64, e % 2048, e % 33554432
+      local a2, a13, a22 = a % 4, a % 8192, a % 4194304
+      local t1 = h + bxor(e6 * 67108864 + (e - e6) / 64, e11 * 2097152 + (e - e11) / 2048,
+          e25 * 128 + (e - e25) / 33554432)
+        + band(e, f) + band(4294967295 - e, g) + K[j] + W[j]
+      local t2 = bxor(a2 * 1073741824 + (a - a2) / 4, a13 * 524288 + (a - a13) / 8192,
+          a22 * 1024 + (a - a22) / 4194304)
+        + (a + b + c - bxor(a, b, c) % M32) / 2
       h, g, f, e = g, f, e, (d + t1) % M32
       d, c, b, a = c, b, a, (t1 + t2) % M32
     end
